@@ -1,0 +1,104 @@
+"""Hyperparameters of the critical-gradient memory: names, defaults, validation.
+
+One place decides what is a valid ``topc``/``decay``/... so the optimizers, the
+``optim_args`` parser and the model cards all agree on the names and the ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+AGGREGATIONS = ("mean", "sum", "mid")
+KEYS = ("group", "tensor")
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+_ALLOWED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BUFFER_DTYPE_CHOICES = "None, torch.bfloat16, torch.float16, torch.float32 or one of " + ", ".join(
+    repr(n) for n in ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+)
+
+
+def parse_buffer_dtype(value: Any) -> torch.dtype | None:
+    """Return the ``torch.dtype`` for ``buffer_dtype`` (``None`` keeps the parameter's dtype)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in ("none", "null", ""):
+            return None
+        name = name.removeprefix("torch.")
+        if name in _DTYPE_NAMES:
+            return _DTYPE_NAMES[name]
+    elif isinstance(value, torch.dtype) and value in _ALLOWED_DTYPES:
+        return value
+    raise ValueError(f"buffer_dtype must be {BUFFER_DTYPE_CHOICES}; got {value!r}")
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """Short name used in logs and model cards (``None`` -> ``"param"``)."""
+    if dtype is None:
+        return "param"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The memory hyperparameters of one param group (SPEC section 1).
+
+    Every field is validated on construction; a bad value raises ``ValueError``
+    naming the argument and what is allowed.
+    """
+
+    topc: int = 10
+    decay: float = 0.7
+    kappa: float = 1.0
+    aggregation: str = "mean"
+    key: str = "group"
+    buffer_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        topc = self.topc
+        if isinstance(topc, bool) or not isinstance(topc, int) or topc < 1:
+            raise ValueError(f"topc must be an int >= 1; got {topc!r}")
+        decay = self.decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 < float(decay) <= 1.0):
+            raise ValueError(f"decay must be a number with 0 < decay <= 1; got {decay!r}")
+        kappa = self.kappa
+        if (
+            isinstance(kappa, bool)
+            or not isinstance(kappa, (int, float))
+            or not math.isfinite(float(kappa))
+            or float(kappa) < 0.0
+        ):
+            raise ValueError(f"kappa must be a finite number >= 0 (0 turns the memory off); got {kappa!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(map(repr, AGGREGATIONS))}; got {self.aggregation!r}")
+        if self.key not in KEYS:
+            raise ValueError(f"key must be one of {', '.join(map(repr, KEYS))}; got {self.key!r}")
+        object.__setattr__(self, "decay", float(decay))
+        object.__setattr__(self, "kappa", float(kappa))
+        object.__setattr__(self, "buffer_dtype", parse_buffer_dtype(self.buffer_dtype))
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> MemoryConfig:
+        return cls(**{f.name: group[f.name] for f in fields(cls)})
+
+    def as_group_entries(self) -> dict[str, Any]:
+        """The values as they are stored in a param group."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+MEMORY_ARG_NAMES: tuple[str, ...] = tuple(f.name for f in fields(MemoryConfig))
