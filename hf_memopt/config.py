@@ -85,7 +85,9 @@ class MemoryConfig:
         ):
             raise ValueError(f"kappa must be a finite number >= 0 (0 turns the memory off); got {kappa!r}")
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {', '.join(map(repr, AGGREGATIONS))}; got {self.aggregation!r}")
+            raise ValueError(
+                f"aggregation must be one of {', '.join(map(repr, AGGREGATIONS))}; got {self.aggregation!r}"
+            )
         if self.key not in KEYS:
             raise ValueError(f"key must be one of {', '.join(map(repr, KEYS))}; got {self.key!r}")
         object.__setattr__(self, "decay", float(decay))

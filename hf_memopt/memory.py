@@ -328,7 +328,11 @@ def memory_bytes(state: dict[str, Any]) -> int:
     """Bytes held by the memory of one parameter on this process (slots + running sum)."""
     total = 0
     for k, v in state.items():
-        if isinstance(v, Tensor) and isinstance(k, str) and (k.startswith("memory_") and v.dim() > 0 or k == "memory_sum"):
+        if (
+            isinstance(v, Tensor)
+            and isinstance(k, str)
+            and (k.startswith("memory_") and v.dim() > 0 or k == "memory_sum")
+        ):
             if k in ("memory_count", "memory_clock"):
                 continue
             lt = local_tensor(v)

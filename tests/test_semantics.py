@@ -1,0 +1,244 @@
+"""Edge cases of SPEC section 1 and of the torch.optim contract, against hand-derived expectations."""
+
+import math
+
+import pytest
+import torch
+
+import hf_memopt
+
+ALL = [
+    hf_memopt.MemoryAugmentedAdamW,
+    hf_memopt.MemoryAugmentedAdam,
+    hf_memopt.MemoryAugmentedSGD,
+    hf_memopt.MemoryAugmentedRMSprop,
+]
+
+
+def stored_values(opt, p):
+    st = opt.state[p]
+    return [st[f"memory_{i}"].clone() for i in range(int(st["memory_count"]))]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_equal_priorities_make_a_fifo(cls):
+    """Same norm every step and decay < 1: each newcomer beats the oldest (the most decayed)."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = cls([p], lr=0.0, topc=3, decay=0.9)
+    base = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5 in every step
+    for t in range(7):
+        p.grad = base.roll(t)  # same norm, distinguishable content
+        opt.step()
+    st = opt.state[p]
+    by_slot = {int(st[f"stored_at_{i}"]): st[f"memory_{i}"] for i in range(3)}
+    assert sorted(by_slot) == [5, 6, 7]  # the last three steps are kept
+    for clock, value in by_slot.items():
+        assert torch.equal(value, base.roll(clock - 1))
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_topc1_tiny_decay_holds_the_previous_gradient(cls):
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = cls([p], lr=0.0, topc=1, decay=1e-30)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        g = torch.randn(3, generator=gen) * 10 ** torch.empty(()).uniform_(-2, 2, generator=gen)
+        p.grad = g
+        opt.step()
+        # the previous gradient's priority has decayed to ~0, so every newcomer replaces it
+        assert torch.equal(opt.state[p]["memory_0"], g)
+
+
+def test_aggregate_uses_the_memory_as_it_stood():
+    """SGD lr=1, sum aggregation: the update is exactly -(g + kappa*S/n) with S before admission."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = hf_memopt.MemoryAugmentedSGD([p], lr=1.0, topc=2, decay=1.0, kappa=0.5, aggregation="sum")
+    g1, g2, g3 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.tensor([4.0, 4.0])
+    expected = torch.zeros(2)
+    for g, agg in [(g1, g1), (g2, g2 + 0.5 * g1), (g3, g3 + 0.5 * (g1 + g2) / 2)]:
+        p.grad = g
+        opt.step()
+        expected -= agg
+        torch.testing.assert_close(p.detach(), expected)
+
+
+@pytest.mark.parametrize(
+    "aggregation,expected", [("mean", (3 + 2 * 5) / (1 + 2 * 2)), ("sum", 3 + 2 * 5 / 2), ("mid", (3 + 2 * 5 / 2) / 3)]
+)
+def test_aggregation_formulas(aggregation, expected):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = hf_memopt.MemoryAugmentedSGD([p], lr=1.0, topc=4, decay=1.0, kappa=2.0, aggregation=aggregation)
+    for g in (2.0, 3.0):  # stored: 2 and 3 (S = 5, n = 2)
+        p.grad = torch.tensor([g])
+        opt.step()
+    before = p.detach().clone()
+    p.grad = torch.tensor([3.0])
+    opt.step()
+    torch.testing.assert_close(before - p.detach(), torch.tensor([expected]))
+
+
+def test_strictly_greater_replaces_the_true_minimum():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = hf_memopt.MemoryAugmentedAdamW([p], lr=0.0, topc=3, decay=1.0, key="tensor")
+    for g in (5.0, 2.0, 7.0):
+        p.grad = torch.tensor([g])
+        opt.step()
+    p.grad = torch.tensor([2.0])  # equal to the minimum: not admitted
+    opt.step()
+    assert sorted(v.item() for v in stored_values(opt, p)) == [2.0, 5.0, 7.0]
+    assert opt.state[p]["stored_at_1"].item() == 2
+    p.grad = torch.tensor([3.0])  # beats the minimum (slot 1), nothing else
+    opt.step()
+    assert [v.item() for v in stored_values(opt, p)] == [5.0, 3.0, 7.0]
+
+
+def test_lowest_slot_on_ties():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = hf_memopt.MemoryAugmentedAdamW([p], lr=0.0, topc=3, decay=1.0, key="tensor")
+    for g in (4.0, 9.0, 4.0):
+        p.grad = torch.tensor([g])
+        opt.step()
+    p.grad = torch.tensor([-6.0])
+    opt.step()
+    assert [v.item() for v in stored_values(opt, p)] == [-6.0, 9.0, 4.0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("key", ["tensor", "group"])
+def test_non_finite_gradients_are_never_stored(bad, key):
+    p = torch.nn.Parameter(torch.zeros(2))
+    q = torch.nn.Parameter(torch.zeros(2))
+    opt = hf_memopt.MemoryAugmentedAdamW([p, q], lr=0.0, topc=2, key=key)
+    p.grad, q.grad = torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0])
+    opt.step()
+    p.grad, q.grad = torch.tensor([bad, 1.0]), torch.tensor([3.0, 3.0])
+    opt.step()
+    assert int(opt.state[p]["memory_count"]) == 1
+    assert torch.isfinite(opt.state[p]["memory_sum"]).all()
+    # with one priority per group, the non-finite norm makes the whole group's priority non-finite
+    assert int(opt.state[q]["memory_count"]) == (1 if key == "group" else 2)
+
+
+def test_tensor_without_gradient_sits_out():
+    p = torch.nn.Parameter(torch.zeros(2))
+    q = torch.nn.Parameter(torch.zeros(2))
+    opt = hf_memopt.MemoryAugmentedAdamW([p, q], lr=1e-2, topc=3, decay=0.5, key="tensor")
+    p.grad, q.grad = torch.ones(2), torch.ones(2)
+    opt.step()
+    q_before = {k: v.clone() for k, v in opt.state[q].items()}
+    q_param = q.detach().clone()
+    p.grad, q.grad = torch.ones(2) * 2, None
+    opt.step()
+    assert torch.equal(q.detach(), q_param)
+    for k, v in opt.state[q].items():
+        assert torch.equal(v, q_before[k]), k  # no admission, no decay
+    assert opt.state[q]["priority_0"].item() == pytest.approx(math.sqrt(2) * 0.5)
+
+
+def test_group_key_is_the_sum_of_norms():
+    p = torch.nn.Parameter(torch.zeros(2))
+    q = torch.nn.Parameter(torch.zeros(1))
+    opt = hf_memopt.MemoryAugmentedAdamW([p, q], lr=0.0, topc=2, decay=1.0, key="group")
+    p.grad, q.grad = torch.tensor([3.0, 4.0]), torch.tensor([-2.0])
+    opt.step()
+    assert opt.state[p]["priority_0"].item() == 7.0 == opt.state[q]["priority_0"].item()
+
+
+def test_per_group_hyperparameters_and_empty_groups():
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(3))
+    opt = hf_memopt.MemoryAugmentedAdamW(
+        [{"params": [a], "topc": 2, "buffer_dtype": "bf16"}, {"params": [b], "kappa": 0.0}, {"params": []}], topc=4
+    )
+    c = torch.nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [c], "decay": 0.5})
+    for _ in range(3):
+        a.grad, b.grad, c.grad = torch.ones(3), torch.ones(3), torch.ones(2)
+        opt.step()
+    assert opt.state[a]["memory_0"].dtype == torch.bfloat16 and "memory_1" in opt.state[a]
+    assert "memory_2" not in opt.state[a]
+    assert "memory_sum" not in opt.state[b]
+    assert "memory_3" in opt.state[c]
+    with pytest.raises(ValueError, match="decay"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "decay": 2.0})
+
+
+def test_closure_and_zero_grad():
+    model = torch.nn.Linear(3, 1)
+    opt = hf_memopt.MemoryAugmentedAdamW(model.parameters(), lr=1e-2, topc=2)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = [opt.step(closure).item() for _ in range(20)]
+    assert losses[-1] < losses[0]
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(topc=0), "topc must be an int >= 1"),
+        (dict(topc=2.5), "topc must be an int >= 1"),
+        (dict(topc=True), "topc"),
+        (dict(decay=0.0), r"decay must be a number with 0 < decay <= 1"),
+        (dict(decay=1.01), "decay"),
+        (dict(kappa=-0.1), "kappa must be a finite number >= 0"),
+        (dict(kappa=float("nan")), "kappa"),
+        (dict(kappa=float("inf")), "kappa"),
+        (dict(aggregation="median"), "aggregation must be one of 'mean', 'sum', 'mid'"),
+        (dict(key="layer"), "key must be one of 'group', 'tensor'"),
+        (dict(buffer_dtype="int8"), "buffer_dtype must be"),
+        (dict(buffer_dtype=torch.float64), "buffer_dtype must be"),
+    ],
+)
+@pytest.mark.parametrize("cls", ALL)
+def test_bad_input_names_the_argument(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_sparse_gradients_are_refused(cls):
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = cls(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_capturable_with_memory_is_refused():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = hf_memopt.MemoryAugmentedAdamW([p], differentiable=True)
+    p.grad = torch.ones(2)
+    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+        opt.step()
+
+
+def test_buffer_dtype_strings():
+    for name, dtype in [("bf16", torch.bfloat16), ("float16", torch.float16), ("fp32", torch.float32), (None, None)]:
+        opt = hf_memopt.MemoryAugmentedAdamW([torch.nn.Parameter(torch.zeros(1))], buffer_dtype=name)
+        assert opt.param_groups[0]["buffer_dtype"] == dtype
+
+
+def test_memory_stats():
+    p = torch.nn.Parameter(torch.zeros(10))
+    opt = hf_memopt.MemoryAugmentedAdamW([p], lr=0.0, topc=4, decay=1.0, key="tensor", buffer_dtype="bf16")
+    for g in (1.0, 2.0, 3.0, 4.0, 0.5, 5.0):
+        p.grad = torch.full((10,), g)
+        opt.step()
+    stats = opt.memory_stats()
+    assert stats["admissions"] == 5 and stats["rejections"] == 1
+    assert stats["fill"] == 1.0
+    # stored at clocks 6 (5.0, replaced 1.0), 2, 3, 4 -> ages 0, 4, 3, 2
+    assert stats["mean_age"] == pytest.approx((0 + 4 + 3 + 2) / 4)
+    assert stats["memory_bytes"] == 4 * 10 * 2 + 10 * 4
+    assert stats["state_bytes"] == stats["memory_bytes"] + 2 * 10 * 4
+    assert opt.memory_stats()["admissions"] == 0  # counters restart after each call
