@@ -28,7 +28,7 @@ _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-pthre
 
 # Column layout shared with memopt_cpu.c.
 PTR_COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "sum", "slot")
-INT_COLUMNS = ("mode", "read_sum", "slot_bf16", "amsgrad", "maximize", "decoupled")
+INT_COLUMNS = ("mode", "slot_bf16", "amsgrad", "maximize", "decoupled")
 FLOAT_COLUMNS = ("coef_g", "coef_s", "lr", "weight_decay", "beta1", "beta2", "eps", "step_size", "bc2_sqrt")
 
 

@@ -16,7 +16,7 @@
 #include <string.h>
 
 enum { P_PARAM, P_GRAD, P_EXP_AVG, P_EXP_AVG_SQ, P_MAX_EXP_AVG_SQ, P_SUM, P_SLOT, N_PTRS };
-enum { I_MODE, I_READ_SUM, I_SLOT_BF16, I_AMSGRAD, I_MAXIMIZE, I_DECOUPLED, N_INTS };
+enum { I_MODE, I_SLOT_BF16, I_AMSGRAD, I_MAXIMIZE, I_DECOUPLED, N_INTS };
 enum { F_COEF_G, F_COEF_S, F_LR, F_WD, F_BETA1, F_BETA2, F_EPS, F_STEP_SIZE, F_BC2_SQRT, N_FLOATS };
 enum { MODE_NONE = 0, MODE_FILL = 1, MODE_EVICT = 2 };
 
@@ -47,61 +47,47 @@ typedef struct {
     int64_t next; /* atomic work counter */
 } job_t;
 
-static void run_chunk(const job_t *job, int64_t c) {
-    const int64_t u = job->chunk_unit[c], lo = job->chunk_start[c], hi = job->chunk_end[c];
-    const int64_t *P = job->ptrs + u * N_PTRS;
-    const int64_t *I = job->ints + u * N_INTS;
-    const double *F = job->floats + u * N_FLOATS;
-    float *restrict p = (float *)P[P_PARAM];
-    const float *restrict g = (const float *)P[P_GRAD];
-    float *restrict m = (float *)P[P_EXP_AVG];
-    float *restrict v = (float *)P[P_EXP_AVG_SQ];
-    float *restrict vmax = (float *)P[P_MAX_EXP_AVG_SQ];
-    float *restrict S = (float *)P[P_SUM];
-    const int mode = (int)I[I_MODE], read_sum = (int)I[I_READ_SUM], bf16 = (int)I[I_SLOT_BF16];
-    const int amsgrad = (int)I[I_AMSGRAD], maximize = (int)I[I_MAXIMIZE], decoupled = (int)I[I_DECOUPLED];
-    const float cg = (float)F[F_COEF_G], cs = (float)F[F_COEF_S];
-    const float lr = (float)F[F_LR], wd = (float)F[F_WD];
-    const float w1 = (float)(1.0 - F[F_BETA1]), beta2 = (float)F[F_BETA2], w2 = (float)(1.0 - F[F_BETA2]);
-    const float eps = (float)F[F_EPS], step_size = (float)F[F_STEP_SIZE], bc2s = (float)F[F_BC2_SQRT];
-    const float decay_mul = (float)(1.0 - F[F_LR] * F[F_WD]);
-    const float neg_step = -step_size;
-
-    /* The branches below depend only on per-unit constants; the compiler unswitches them. */
+/* The loop body, instantiated below for every combination of the compile-time flags so that each
+ * instance is a straight, vectorizable loop. Flags that are cheap as arithmetic stay run-time values:
+ * maximize is a sign (x * -1 is exact), decoupled decay a factor (x * 1 is exact), coupled decay a
+ * coefficient (a + 0 * p is exact), a = g when the memory is empty is coef_g = 1, coef_s = 0. */
+static inline __attribute__((always_inline)) void adam_loop(
+    int64_t lo, int64_t hi, float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
+    float *restrict vmax, float *restrict S, void *restrict slot_ptr, const float cg, const float cs,
+    const float sign, const float keep, const float wd_coupled, const float w1, const float beta2, const float w2,
+    const float eps, const float bc2s, const float neg_step, const int mode, const int bf16, const int amsgrad,
+    const int small_w1) {
+    float *restrict slot_f = (float *)slot_ptr;
+    uint16_t *restrict slot_b = (uint16_t *)slot_ptr;
     for (int64_t i = lo; i < hi; ++i) {
-        float gi = g[i];
-        float s = read_sum ? S[i] : 0.0f;
-        float a = read_sum ? cg * gi + cs * s : gi;
+        const float gi = g[i];
+        const float s = S[i];
+        float a = cg * gi + cs * s;
         if (mode != MODE_NONE) {
             float stored, old = 0.0f;
             if (bf16) {
-                uint16_t *slot = (uint16_t *)P[P_SLOT];
-                uint16_t b = f32_to_bf16(gi);
-                if (mode == MODE_EVICT) old = bf16_to_f32(slot[i]);
-                slot[i] = b;
+                const uint16_t b = f32_to_bf16(gi);
+                if (mode == MODE_EVICT) old = bf16_to_f32(slot_b[i]);
+                slot_b[i] = b;
                 stored = bf16_to_f32(b);
             } else {
-                float *slot = (float *)P[P_SLOT];
-                if (mode == MODE_EVICT) old = slot[i];
-                slot[i] = gi;
+                if (mode == MODE_EVICT) old = slot_f[i];
+                slot_f[i] = gi;
                 stored = gi;
             }
             S[i] = (s - old) + stored;
         }
-        if (maximize) a = -a;
-        float pi = p[i];
-        if (wd != 0.0f) {
-            if (decoupled) pi = pi * decay_mul;
-            else a = a + wd * pi;
-        }
+        a = a * sign;
+        const float pi = p[i] * keep;
+        a = a + wd_coupled * pi;
         float mi = m[i];
-        mi = (w1 < 0.5f) ? mi + w1 * (a - mi) : a - (a - mi) * (1.0f - w1);
-        float vi = v[i] * beta2 + w2 * (a * a);
+        mi = small_w1 ? mi + w1 * (a - mi) : a - (a - mi) * (1.0f - w1);
+        const float vi = v[i] * beta2 + w2 * (a * a);
         m[i] = mi;
         v[i] = vi;
         float d;
         if (amsgrad) {
-            float mx = vmax[i] > vi ? vmax[i] : vi;
+            const float mx = vmax[i] > vi ? vmax[i] : vi;
             vmax[i] = mx;
             d = sqrtf(mx) / bc2s + eps;
         } else {
@@ -109,6 +95,47 @@ static void run_chunk(const job_t *job, int64_t c) {
         }
         p[i] = pi + neg_step * (mi / d);
     }
+}
+
+#define ADAM_CASE(MODE, BF16, AMS, SMALL)                                                                       \
+    if (mode == MODE && bf16 == BF16 && amsgrad == AMS && small_w1 == SMALL) {                                  \
+        adam_loop(lo, hi, p, g, m, v, vmax, S, slot, cg, cs, sign, keep, wdc, w1, beta2, w2, eps, bc2s, neg_step, \
+                  MODE, BF16, AMS, SMALL);                                                                      \
+        return;                                                                                                 \
+    }
+#define ADAM_CASES_AMS(MODE, BF16, AMS) ADAM_CASE(MODE, BF16, AMS, 1) ADAM_CASE(MODE, BF16, AMS, 0)
+#define ADAM_CASES(MODE, BF16) ADAM_CASES_AMS(MODE, BF16, 0) ADAM_CASES_AMS(MODE, BF16, 1)
+
+static void run_chunk(const job_t *job, int64_t c) {
+    const int64_t u = job->chunk_unit[c], lo = job->chunk_start[c], hi = job->chunk_end[c];
+    const int64_t *P = job->ptrs + u * N_PTRS;
+    const int64_t *I = job->ints + u * N_INTS;
+    const double *F = job->floats + u * N_FLOATS;
+    float *p = (float *)P[P_PARAM];
+    const float *g = (const float *)P[P_GRAD];
+    float *m = (float *)P[P_EXP_AVG];
+    float *v = (float *)P[P_EXP_AVG_SQ];
+    float *vmax = (float *)P[P_MAX_EXP_AVG_SQ];
+    float *S = (float *)P[P_SUM];
+    void *slot = (void *)P[P_SLOT];
+    const int mode = (int)I[I_MODE], bf16 = mode != MODE_NONE && (int)I[I_SLOT_BF16];
+    const int amsgrad = (int)I[I_AMSGRAD] != 0;
+    const int decoupled = (int)I[I_DECOUPLED] != 0;
+    const float cg = (float)F[F_COEF_G], cs = (float)F[F_COEF_S];
+    const float sign = I[I_MAXIMIZE] ? -1.0f : 1.0f;
+    const float wd = (float)F[F_WD];
+    const float keep = decoupled && wd != 0.0f ? (float)(1.0 - F[F_LR] * F[F_WD]) : 1.0f;
+    const float wdc = decoupled ? 0.0f : wd;
+    const float w1 = (float)(1.0 - F[F_BETA1]);
+    const int small_w1 = w1 < 0.5f;
+    const float beta2 = (float)F[F_BETA2], w2 = (float)(1.0 - F[F_BETA2]);
+    const float eps = (float)F[F_EPS], bc2s = (float)F[F_BC2_SQRT];
+    const float neg_step = -(float)F[F_STEP_SIZE];
+    ADAM_CASES(MODE_NONE, 0)
+    ADAM_CASES(MODE_FILL, 0)
+    ADAM_CASES(MODE_FILL, 1)
+    ADAM_CASES(MODE_EVICT, 0)
+    ADAM_CASES(MODE_EVICT, 1)
 }
 
 static void *worker(void *arg) {

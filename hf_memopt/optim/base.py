@@ -288,7 +288,7 @@ class MemoryAugmentedOptimizer:
 
         n = len(units)
         ptrs = np.zeros((n, 7), dtype=np.int64)
-        ints = np.zeros((n, 6), dtype=np.int64)
+        ints = np.zeros((n, 5), dtype=np.int64)
         floats = np.zeros((n, 9), dtype=np.float64)
         numels = np.zeros(n, dtype=np.int64)
         refresh = []
@@ -315,7 +315,6 @@ class MemoryAugmentedOptimizer:
             slot_bf16 = slot is not None and slot.dtype == torch.bfloat16
             ints[r] = (
                 d.mode,
-                d.coef_s != 0.0,
                 slot_bf16,
                 amsgrad,
                 bool(group["maximize"]),

@@ -1,0 +1,162 @@
+"""Optimizer step time and state bytes: hf_memopt against torch's AdamW.
+
+    python benchmarks/step_time.py                          # 23.4M params in 76 GPT-like tensors
+    python benchmarks/step_time.py --model gpt2-124m        # GPT-2 small shapes
+    python benchmarks/step_time.py --admit rarely           # gradients that the memory rejects
+
+Times ``optimizer.step()`` alone (gradients are fixed tensors), median over ``--steps`` steps
+after warm-up, with torch's intra-op threads at ``--threads``. Each row is timed in alternating
+rounds against torch's fused AdamW in the same process, and the ratio is taken from those
+paired medians: on a machine shared with other work the absolute times drift, the ratio less.
+The traffic bound is the ratio of words moved per element to fused AdamW's 7 (read p g m v,
+write p m v): an admitting step adds the norm pass over g, S, and the evicted/written slot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import hf_memopt
+from hf_memopt._kernels import load as load_kernel
+
+MODELS = {
+    # name: (vocab, positions, n_embd, n_layer)
+    "gpt23m": (32768, 512, 384, 6),
+    "gpt2-124m": (50257, 1024, 768, 12),
+}
+
+
+def gpt_shapes(vocab: int, positions: int, d: int, layers: int) -> list[tuple[int, ...]]:
+    """The tensors of a GPT-2 style model (weights tied), in module order."""
+    shapes: list[tuple[int, ...]] = [(vocab, d), (positions, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def make(shapes: list[tuple[int, ...]], device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device) * 0.02) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device) * 1e-3 for s in shapes]
+    return params, grads
+
+
+def set_grads(params, grads, t: int, admit: str) -> None:
+    scale = 1.0 if admit == "always" else 0.5**t  # "rarely": each newcomer is smaller than all it meets
+    for p, g in zip(params, grads):
+        p.grad = g if scale == 1.0 else g * scale
+
+
+def timed_steps(opt, params, grads, first: int, count: int, admit: str, device) -> list[float]:
+    times = []
+    for t in range(first, first + count):
+        set_grads(params, grads, t, admit)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def paired(factory, ref_factory, shapes, device, args) -> tuple[float, float, int]:
+    """Median step time of ``factory``'s optimizer and of the reference, timed in alternating rounds
+    in one process, so that a machine whose speed drifts (shared cores) skews both alike."""
+    params, grads = make(shapes, device)
+    opt = factory(params)
+    ref_params, ref_grads = make(shapes, device)
+    ref = ref_factory(ref_params)
+    timed_steps(opt, params, grads, 0, args.warmup, args.admit, device)
+    timed_steps(ref, ref_params, ref_grads, 0, args.warmup, args.admit, device)
+    mine, theirs = [], []
+    per_round = max(1, args.steps // args.rounds)
+    for r in range(args.rounds):
+        first = args.warmup + r * per_round
+        mine += timed_steps(opt, params, grads, first, per_round, args.admit, device)
+        theirs += timed_steps(ref, ref_params, ref_grads, first, per_round, args.admit, device)
+    return statistics.median(mine), statistics.median(theirs), state_bytes(opt)
+
+
+def state_bytes(opt) -> int:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                total += v.numel() * v.element_size()
+    return total
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="gpt23m")
+    ap.add_argument("--topc", type=int, nargs="+", default=[1, 5, 10, 20])
+    ap.add_argument("--buffer-dtype", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=6, help="alternations with the reference")
+    ap.add_argument("--warmup", type=int, default=25, help="> topc, so every slot is written before timing")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--admit", choices=["always", "rarely"], default="always")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shapes = gpt_shapes(*MODELS[args.model])
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    print(
+        f"# {args.model}: {numel / 1e6:.2f}M params in {len(shapes)} tensors; device {device}; "
+        f"{args.threads} threads; torch {torch.__version__}; admit={args.admit}; "
+        f"CPU kernel {'on' if load_kernel() is not None else 'off'}",
+        flush=True,
+    )
+    rows = []
+    fused = device.type in ("cpu", "cuda")
+
+    def reference(p):
+        return torch.optim.AdamW(p, lr=1e-3, fused=True) if fused else torch.optim.AdamW(p, lr=1e-3)
+
+    def run(label, factory, words):
+        ms, ref_ms, nbytes = paired(factory, reference, shapes, device, args)
+        rows.append(dict(optimizer=label, ms=1e3 * ms, ref_ms=1e3 * ref_ms, state_bytes=nbytes, words=words))
+        print(f"  {label:<30} {1e3 * ms:8.2f} ms  (reference {1e3 * ref_ms:.2f} ms)", file=sys.stderr, flush=True)
+
+    run("torch AdamW for-loop", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=False), 7)
+    run("torch AdamW foreach", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True), 7)
+    if fused:
+        run("torch AdamW fused", lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True), 7)
+    for bd in args.buffer_dtype:
+        slot = 0.5 if bd == "bf16" else 1.0
+        # + 1: the norm pass reads g before the decisions; an admitting step then reads p g m v S and
+        # the evicted slot and writes p m v S and the slot; a rejecting one reads p g m v S, writes p m v
+        words = 1 + (9 + 2 * slot if args.admit == "always" else 8)
+        for c in args.topc:
+            run(
+                f"memopt_adamw topc={c} {bd}",
+                lambda p, c=c, bd=bd: hf_memopt.MemoryAugmentedAdamW(p, lr=1e-3, topc=c, decay=0.7, buffer_dtype=bd),
+                words,
+            )
+    ref_label = "fused AdamW" if fused else "AdamW"
+    print(f"| optimizer | ms/step | x {ref_label} (paired) | traffic bound, x | state bytes/param |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['optimizer']} | {r['ms']:.2f} | {r['ms'] / r['ref_ms']:.2f} | {r['words'] / 7:.2f} | "
+            f"{r['state_bytes'] / numel:.1f} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                dict(model=args.model, numel=numel, device=str(device), threads=args.threads, rows=rows), f, indent=1
+            )
+
+
+if __name__ == "__main__":
+    main()
