@@ -233,11 +233,23 @@ def refresh_sum(s: Tensor, slots: Sequence[Tensor], count: int) -> None:
 
 
 def batched_sq_norms(grads: Sequence[Tensor]) -> Tensor:
-    """fp64 squared L2 norms of ``grads`` (local parts), computed in a single batched call."""
+    """fp64 squared L2 norms of ``grads`` (local parts): one batched call per device.
+
+    On one device the result stays there (no transfer yet); a model spread over several
+    devices gets its norms gathered on the CPU.
+    """
     if not grads:
         return torch.zeros(0, dtype=torch.float64)
-    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)
-    return torch.stack(norms).to(torch.float64).square()
+    by_device: dict[torch.device, list[int]] = {}
+    for i, g in enumerate(grads):
+        by_device.setdefault(g.device, []).append(i)
+    if len(by_device) == 1:
+        return torch.stack(torch._foreach_norm(list(grads), 2, dtype=torch.float32)).to(torch.float64).square()
+    out = torch.empty(len(grads), dtype=torch.float64)
+    for idx in by_device.values():
+        norms = torch.stack(torch._foreach_norm([grads[i] for i in idx], 2, dtype=torch.float32))
+        out[idx] = norms.to("cpu", torch.float64).square()
+    return out
 
 
 def group_priorities(norms: np.ndarray, groups: np.ndarray, has_grad: np.ndarray, key: np.ndarray) -> np.ndarray:

@@ -242,3 +242,12 @@ def test_memory_stats():
     assert stats["memory_bytes"] == 4 * 10 * 2 + 10 * 4
     assert stats["state_bytes"] == stats["memory_bytes"] + 2 * 10 * 4
     assert opt.memory_stats()["admissions"] == 0  # counters restart after each call
+
+
+def test_capturable_message_names_the_flag():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = hf_memopt.MemoryAugmentedAdamW([p], differentiable=True)
+    p.grad = torch.ones(2)
+    with pytest.raises(ValueError, match="or differentiable=False"):
+        opt.step()
+

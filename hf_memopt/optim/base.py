@@ -106,7 +106,7 @@ class MemoryAugmentedOptimizer:
                     if group.get(name):
                         raise ValueError(
                             f"{name}=True is not supported with the memory on (kappa > 0): admission "
-                            "decisions are taken on the host; use kappa=0 or {name}=False"
+                            f"decisions are taken on the host; use kappa=0 or {name}=False"
                         )
             lists: Lists = {name: [] for name in self._list_names}
             extra = self._init_group(group, *lists.values())  # type: ignore[attr-defined]
