@@ -24,3 +24,9 @@ __all__ = [
     "MemoryConfig",
     "__version__",
 ]
+
+# Last, once the optimizers exist: register optim="memopt_*" with transformers if it is
+# installed (HF_MEMOPT_SKIP_TRANSFORMERS=1 skips it). Importable without transformers.
+from .integrations import register_transformers_if_available as _register_transformers  # noqa: E402
+
+_register_transformers()

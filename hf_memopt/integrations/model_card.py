@@ -1,0 +1,181 @@
+"""The optimizer section of model cards written by :class:`hf_memopt.trainer.MemOptTrainer`.
+
+The section names the optimizer, lists every hyperparameter that shaped the updates
+(from the built optimizer when there is one, so per-run overrides show), the bytes of
+optimizer state, and cites the paper. It is delimited by HTML comments so writing the
+card again replaces it instead of stacking copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .optim_args import SPECS, OptimizerSpec, format_value, optim_name, resolve_optim_args
+
+START = "<!-- hf_memopt:optimizer:start -->"
+END = "<!-- hf_memopt:optimizer:end -->"
+
+PAPER = (
+    'McRae, Parthasarathi, Assran, Chandar, "Memory Augmented Optimizers for Deep Learning", '
+    "ICLR 2022, [arXiv:2106.10708](https://arxiv.org/abs/2106.10708)"
+)
+BIBTEX = """@inproceedings{mcrae2022memory,
+  title     = {Memory Augmented Optimizers for Deep Learning},
+  author    = {McRae, Paul-Aymeric and Parthasarathi, Prasanna and Assran, Mahmoud and Chandar, Sarath},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2022},
+  url       = {https://arxiv.org/abs/2106.10708}
+}"""
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The hf_memopt optimizer inside accelerate/DeepSpeed wrappers, or None."""
+    seen = 0
+    while optimizer is not None and not hasattr(optimizer, "memory_stats") and seen < 8:
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return optimizer if optimizer is not None and hasattr(optimizer, "memory_stats") else None
+
+
+def spec_of(args: Any, optimizer: Any = None) -> OptimizerSpec | None:
+    """Which memopt optimizer ran: from the optimizer object if any, else from ``args.optim``."""
+    inner = unwrap_optimizer(optimizer)
+    if inner is not None:
+        for spec in SPECS.values():
+            if type(inner).__name__ == spec.class_name:
+                return spec
+    return SPECS.get(optim_name(getattr(args, "optim", None)))
+
+
+def _group_values(optimizer: Any, key: str) -> list[Any]:
+    values: list[Any] = []
+    for group in optimizer.param_groups:
+        if group["params"] and key in group and group[key] not in values:
+            values.append(group[key])
+    return values
+
+
+def _fmt(values: Iterable[Any]) -> str:
+    return " / ".join(format_value(v) for v in values)
+
+
+def hyperparameters(args: Any, optimizer: Any = None) -> dict[str, str]:
+    """Every hyperparameter of the memopt optimizer used with ``args``, as display strings.
+
+    Read from the built optimizer's param groups when given (values that differ between
+    groups are joined with ``/``), else resolved from ``args.optim_args``.
+    """
+    spec = spec_of(args, optimizer)
+    if spec is None:
+        raise ValueError(f"optim={optim_name(getattr(args, 'optim', None))!r} is not a memopt optimizer")
+    inner = unwrap_optimizer(optimizer)
+    rows: dict[str, str] = {
+        "optim": spec.name,
+        "class": f"hf_memopt.{spec.class_name} (base: {spec.torch_counterpart})",
+    }
+    schedule = getattr(getattr(args, "lr_scheduler_type", None), "value", getattr(args, "lr_scheduler_type", None))
+    rows["learning_rate"] = f"{args.learning_rate} (peak; {schedule} schedule)"
+    if spec.adam_style:
+        rows["betas"] = f"({args.adam_beta1}, {args.adam_beta2})"
+        rows["eps"] = format_value(args.adam_epsilon)
+    rows["weight_decay"] = f"{args.weight_decay} (0.0 for biases and normalization weights)"
+    if inner is not None:
+        for key in spec.options:
+            rows[key] = _fmt(_group_values(inner, key))
+    else:
+        for key, value in resolve_optim_args(spec.name, args.optim_args).values().items():
+            rows[key] = format_value(value)
+    clip = getattr(args, "max_grad_norm", None)
+    rows["max_grad_norm"] = (
+        f"{clip} (the memory stores gradients after clipping to this global norm)"
+        if clip
+        else f"{clip} (no clipping: the memory stores raw gradients)"
+    )
+    return rows
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _local_nbytes(t: torch.Tensor) -> int:
+    to_local = getattr(t, "to_local", None)
+    local = to_local() if to_local is not None else t
+    return local.numel() * local.element_size()
+
+
+def state_bytes(optimizer: Any) -> tuple[int, int, int]:
+    """(all optimizer-state bytes, of which memory bytes, trainable elements) on this process.
+
+    Computed from ``optimizer.state`` directly (not ``memory_stats()``, whose admission
+    counters would be reset by the call). 0-dim tensors (step counts, priorities) are left
+    out as negligible, as ``memory_stats()`` does.
+    """
+    from ..memory import is_memory_key
+
+    total = memory = 0
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                n = _local_nbytes(value)
+                total += n
+                if is_memory_key(key):
+                    memory += n
+    elements = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    return total, memory, elements
+
+
+def optimizer_section(args: Any, optimizer: Any = None) -> str:
+    """The markdown section (with its delimiting comments) for a card."""
+    spec = spec_of(args, optimizer)
+    if spec is None:
+        raise ValueError("optimizer_section needs a memopt optimizer")
+    rows = hyperparameters(args, optimizer)
+    lines = [
+        START,
+        f"### Optimizer: {spec.name}",
+        "",
+        f"Trained with `hf_memopt.{spec.class_name}`: `{spec.torch_counterpart}` whose gradient is aggregated "
+        "with a memory of critical gradients. Each parameter tensor keeps the `topc` past gradients with the "
+        "largest norm; their priorities decay by `decay` each step, and the update uses the current gradient "
+        "combined with the stored ones (weight `kappa`). Method: " + PAPER + ".",
+        "",
+        "| hyperparameter | value |",
+        "|:--|:--|",
+        *(f"| {key} | {value} |" for key, value in rows.items()),
+        "",
+    ]
+    inner = unwrap_optimizer(optimizer)
+    if inner is not None and inner.state:
+        total, memory, elements = state_bytes(inner)
+        lines.append(
+            f"Optimizer state after training: {_human(total)} ({total:,} bytes) on this process for "
+            f"{elements:,} trainable parameter elements: the gradient memory takes {_human(memory)} "
+            f"({memory:,} bytes), the {spec.torch_counterpart} state {_human(total - memory)} "
+            f"({total - memory:,} bytes)."
+        )
+    else:
+        lines.append("Optimizer state: not measured (the optimizer had not taken a step when this card was written).")
+    lines += ["", "#### Citation", "", "```bibtex", BIBTEX, "```", END]
+    return "\n".join(lines) + "\n"
+
+
+def insert_section(card: str, section: str) -> str:
+    """``card`` with ``section`` in place of an earlier one, else before "Framework versions"."""
+    if START in card and END in card:
+        head, rest = card.split(START, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        return head + section + ("\n" + tail if tail else "")
+    anchor = "### Framework versions"
+    if anchor in card:
+        head, tail = card.split(anchor, 1)
+        return head + section + "\n" + anchor + tail
+    return card.rstrip("\n") + "\n\n" + section

@@ -1,0 +1,337 @@
+"""Make ``optim="memopt_adamw"`` (and ``memopt_adam``, ``memopt_sgd``, ``memopt_rmsprop``)
+work with the plain 🤗 ``Trainer``, ``TrainingArguments``, ``HfArgumentParser`` and TRL.
+
+transformers 5.x has no public registry for optimizers, so :func:`register` touches four
+places, all checked first (:func:`check_transformers_internals`):
+
+1. ``transformers.training_args.OptimizerNames`` gets four members. ``TrainingArguments``
+   validates ``optim`` with ``OptimizerNames(value)`` and ``HfArgumentParser`` offers the
+   members as ``--optim`` choices, so this is what makes the names accepted everywhere.
+   Each member pickles as "import hf_memopt, then look the name up", so a checkpoint's
+   ``training_args.bin`` loads in a process that never imported hf_memopt.
+2. ``Trainer.get_optimizer_cls_and_kwargs`` (public static method, called by
+   ``Trainer.create_optimizer``) is wrapped: our names are answered here, any other name
+   goes to the original.
+3. Since transformers 5.2 the original looks names up in the private table
+   ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``; our names are added there too,
+   so code that calls the table (or the unwrapped original) also finds them.
+4. ``TrainingArguments.__post_init__`` and ``TrainingArguments.set_optimizer`` are wrapped
+   to validate ``optim_args`` strictly and refuse a DeepSpeed config with its own
+   optimizer as soon as the arguments exist, i.e. before any model is loaded, and to
+   write the resolved ``optim_args`` back (shown in ``to_dict()``, logs and model cards).
+
+Everything is idempotent: calling :func:`register` again, or re-importing this module,
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .deepspeed_guard import check_deepspeed_optimizer
+from .enum_ext import EnumExtensionError, check_extensible, extend_enum
+from .optim_args import MEMOPT_NAMES, SPECS, ResolvedOptimArgs, is_memopt, optim_name, resolve_optim_args
+
+#: transformers versions this integration is written and tested for (oldest and newest
+#: of the range are exercised by ``tests/compat/run_matrix.sh``).
+SUPPORTED_TRANSFORMERS = ">=5.0,<6"
+_MIN_VERSION = (5, 0)
+_MAX_VERSION_EXCLUSIVE = (6, 0)
+
+#: Tags added to the model (``model.add_model_tags``) so they reach the cards written by
+#: ``Trainer.push_to_hub``, ``PreTrainedModel.push_to_hub``, PEFT and TRL.
+LIBRARY_TAG = "hf_memopt"
+
+_MARK = "_hf_memopt_wrapper"
+_lock = threading.RLock()
+_registered = False
+
+
+class TransformersCompatibilityError(RuntimeError):
+    """The installed transformers lacks an internal this integration relies on."""
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return getattr(transformers, "__version__", "unknown")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _incompatible(what: str) -> TransformersCompatibilityError:
+    return TransformersCompatibilityError(
+        f"hf_memopt cannot register its optimizers with transformers {_transformers_version()}: {what}. "
+        f"hf_memopt supports transformers {SUPPORTED_TRANSFORMERS}; install a version in that range "
+        "(or set HF_MEMOPT_SKIP_TRANSFORMERS=1 to use the optimizers without the Trainer integration)."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch: what the Trainer builds for a memopt name
+# --------------------------------------------------------------------------------------
+
+
+def _optimizer_kwargs(args: Any, resolved: ResolvedOptimArgs) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"lr": args.learning_rate}
+    if resolved.spec.adam_style:
+        kwargs["betas"] = (args.adam_beta1, args.adam_beta2)
+        kwargs["eps"] = args.adam_epsilon
+    # The Trainer's two param groups carry their own weight_decay (args.weight_decay and
+    # 0.0), which wins; the kwarg only matters for callers that pass plain parameters.
+    kwargs["weight_decay"] = args.weight_decay
+    kwargs.update(resolved.constructor_kwargs())
+    return kwargs
+
+
+def validate_training_args(args: Any) -> ResolvedOptimArgs:
+    """Check ``args.optim_args`` (and any DeepSpeed config) for a ``memopt_*`` ``args.optim``.
+
+    Builds the optimizer once on a one-element dummy tensor so constraints the optimizer
+    itself enforces (e.g. ``nesterov`` needs ``momentum > 0``) also fail here, early.
+    Writes the resolved ``optim_args`` back to ``args``. Raises ``ValueError``.
+    """
+    name = optim_name(args.optim)
+    check_deepspeed_optimizer(args, name)
+    resolved = resolve_optim_args(name, args.optim_args)
+    optimizer_cls = resolved.spec.optimizer_class()
+    try:
+        optimizer_cls([torch.zeros(1, requires_grad=True)], **_optimizer_kwargs(args, resolved))
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ValueError(f"optim={name!r} with optim_args={args.optim_args!r}: {err}") from err
+    args.optim_args = resolved.to_optim_args()
+    return resolved
+
+
+def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """``Trainer.get_optimizer_cls_and_kwargs`` for the ``memopt_*`` names.
+
+    ``lr``, ``betas`` and ``eps`` come from ``TrainingArguments`` as for ``adamw_torch``;
+    everything else from the (strictly parsed) ``optim_args``. Also tags ``model`` with
+    ``hf_memopt`` and the optimizer name.
+    """
+    resolved = validate_training_args(args)
+    if model is not None and hasattr(model, "add_model_tags"):
+        model.add_model_tags([LIBRARY_TAG, resolved.spec.name])
+    return resolved.spec.optimizer_class(), _optimizer_kwargs(args, resolved)
+
+
+def _table_handler(ctx: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """Entry of ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` (5.2+)."""
+    return get_optimizer_cls_and_kwargs(ctx.args, ctx.model)
+
+
+# --------------------------------------------------------------------------------------
+# Pickling of the enum members
+# --------------------------------------------------------------------------------------
+
+
+def load_optimizer_name(value: str) -> Any:
+    """Unpickle a ``memopt_*`` ``OptimizerNames`` member: register first, then look up.
+
+    Pickles name this function, so unpickling imports ``hf_memopt`` (which registers).
+    """
+    register()
+    from transformers.training_args import OptimizerNames
+
+    return OptimizerNames(value)
+
+
+def _reduce_optimizer_name(value: str, protocol: int) -> tuple[Callable[[str], Any], tuple[str]]:
+    return load_optimizer_name, (value,)
+
+
+# --------------------------------------------------------------------------------------
+# Checks of the transformers internals we rely on
+# --------------------------------------------------------------------------------------
+
+
+def check_transformers_internals() -> None:
+    """Raise :class:`TransformersCompatibilityError` if an internal we use has changed.
+
+    Also run as a test on the oldest and the newest supported transformers.
+    """
+    try:
+        from transformers import Trainer, TrainingArguments
+        from transformers.training_args import OptimizerNames
+    except ImportError as err:
+        raise _incompatible(f"importing Trainer/TrainingArguments/OptimizerNames failed ({err})") from err
+
+    try:
+        check_extensible(OptimizerNames)
+    except EnumExtensionError as err:
+        raise _incompatible(f"OptimizerNames can no longer be extended ({err})") from err
+    if not issubclass(OptimizerNames, str):
+        raise _incompatible("OptimizerNames is no longer a str enum")
+
+    if "optim" not in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        raise _incompatible("TrainingArguments has no 'optim' field")
+    for method in ("__post_init__", "set_optimizer"):
+        if not callable(getattr(TrainingArguments, method, None)):
+            raise _incompatible(f"TrainingArguments.{method} is missing")
+
+    static = inspect.getattr_static(Trainer, "get_optimizer_cls_and_kwargs", None)
+    if not isinstance(static, staticmethod):
+        raise _incompatible("Trainer.get_optimizer_cls_and_kwargs is no longer a static method")
+    create_optimizer = Trainer.create_optimizer
+    create_source = None
+    # Only transformers' own method is checked: a library that patched it (its source need
+    # not mention the name) is not a transformers change. No source shipped: cannot check.
+    if getattr(create_optimizer, "__module__", None) == Trainer.__module__:
+        try:
+            create_source = inspect.getsource(create_optimizer)
+        except (OSError, TypeError):
+            create_source = None
+    if create_source is not None and "get_optimizer_cls_and_kwargs" not in create_source:
+        raise _incompatible("Trainer.create_optimizer no longer calls get_optimizer_cls_and_kwargs")
+
+    table_module = _trainer_optimizer_module()
+    if table_module is not None:
+        table = getattr(table_module, "_OPTIMIZER_HANDLERS", None)
+        if table is not None and not isinstance(table, dict):
+            raise _incompatible("transformers.trainer_optimizer._OPTIMIZER_HANDLERS is not a dict")
+        context = getattr(table_module, "OptimizerContext", None)
+        if table is not None and (
+            context is None
+            or not dataclasses.is_dataclass(context)
+            or not {"args", "model"} <= {f.name for f in dataclasses.fields(context)}
+        ):
+            raise _incompatible("transformers.trainer_optimizer.OptimizerContext lacks 'args'/'model'")
+
+
+def _trainer_optimizer_module() -> Any:
+    """``transformers.trainer_optimizer`` (5.2+), or None on older versions."""
+    try:
+        from transformers import trainer_optimizer
+    except ImportError:
+        return None
+    return trainer_optimizer
+
+
+# --------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------
+
+
+def _wrap_get_optimizer_cls_and_kwargs(trainer_cls: type) -> None:
+    original = inspect.getattr_static(trainer_cls, "get_optimizer_cls_and_kwargs").__func__
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def get_optimizer_cls_and_kwargs_with_memopt(args: Any, model: Any = None) -> tuple[Any, Any]:
+        if is_memopt(args.optim):
+            return get_optimizer_cls_and_kwargs(args, model)
+        return original(args, model)
+
+    setattr(get_optimizer_cls_and_kwargs_with_memopt, _MARK, True)
+    trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs_with_memopt)
+
+
+def _wrap_training_args(args_cls: type) -> None:
+    post_init = inspect.getattr_static(args_cls, "__post_init__")
+    if not getattr(post_init, _MARK, False):
+
+        @functools.wraps(post_init)
+        def __post_init__(self: Any) -> None:
+            # Before transformers' own checks, which import DeepSpeed for a DeepSpeed config:
+            # a config that would replace our optimizer fails even where DeepSpeed is absent.
+            if is_memopt(self.optim):
+                validate_training_args(self)
+            post_init(self)
+
+        setattr(__post_init__, _MARK, True)
+        args_cls.__post_init__ = __post_init__
+
+    set_optimizer = inspect.getattr_static(args_cls, "set_optimizer")
+    if not getattr(set_optimizer, _MARK, False):
+
+        @functools.wraps(set_optimizer)
+        def set_optimizer_with_memopt(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = set_optimizer(self, *args, **kwargs)
+            if is_memopt(self.optim):
+                validate_training_args(self)
+            return result
+
+        setattr(set_optimizer_with_memopt, _MARK, True)
+        args_cls.set_optimizer = set_optimizer_with_memopt
+
+
+def _check_version() -> None:
+    version = _transformers_version()
+    if not (_MIN_VERSION <= _version_tuple(version) < _MAX_VERSION_EXCLUSIVE):
+        warnings.warn(
+            f"hf_memopt is tested with transformers {SUPPORTED_TRANSFORMERS}; found {version}. "
+            "The internals it relies on passed their checks, so it registers anyway.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def register() -> None:
+    """Register ``memopt_adamw``, ``memopt_adam``, ``memopt_sgd`` and ``memopt_rmsprop``.
+
+    Called by ``import hf_memopt`` when transformers is installed; idempotent.
+    Raises :class:`TransformersCompatibilityError` (naming the installed version) if the
+    transformers internals this relies on have changed.
+    """
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        check_transformers_internals()
+        _check_version()
+
+        from transformers import Trainer, TrainingArguments
+        from transformers.training_args import OptimizerNames
+
+        members = []
+        for name in MEMOPT_NAMES:
+            spec = SPECS[name]
+            reduce_ex = functools.partial(_reduce_optimizer_name, name)
+            try:
+                members.append(extend_enum(OptimizerNames, spec.member_name, name, reduce_ex))
+            except EnumExtensionError as err:
+                raise _incompatible(str(err)) from err
+
+        _wrap_get_optimizer_cls_and_kwargs(Trainer)
+        table_module = _trainer_optimizer_module()
+        table = getattr(table_module, "_OPTIMIZER_HANDLERS", None) if table_module is not None else None
+        if table is not None:
+            for member in members:
+                table[member] = _table_handler
+        _wrap_training_args(TrainingArguments)
+        _registered = True
+
+
+def is_registered() -> bool:
+    """True once :func:`register` has completed in this process."""
+    return _registered
+
+
+__all__ = [
+    "LIBRARY_TAG",
+    "MEMOPT_NAMES",
+    "SUPPORTED_TRANSFORMERS",
+    "TransformersCompatibilityError",
+    "check_transformers_internals",
+    "get_optimizer_cls_and_kwargs",
+    "is_registered",
+    "load_optimizer_name",
+    "register",
+    "validate_training_args",
+]

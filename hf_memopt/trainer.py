@@ -1,0 +1,90 @@
+"""``MemOptTrainer``: the 🤗 ``Trainer`` plus memory statistics in the logs and an
+optimizer section in the model card.
+
+The plain ``Trainer`` already trains with ``optim="memopt_adamw"`` once hf_memopt is
+imported; this subclass only adds reporting:
+
+* every logging step that reports the training loss also reports
+  ``optimizer.memory_stats()`` under ``memopt/...`` (admissions and rejections since the
+  previous logging step, admission rate, fill, mean age in steps, memory and state bytes);
+* ``create_model_card()`` (offline; only ``push_to_hub`` needs the network) writes
+  ``README.md`` with the tags ``hf_memopt`` and the optim name and a section naming the
+  optimizer, every hyperparameter, the optimizer-state bytes and the paper.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import Trainer
+
+from .integrations.model_card import insert_section, optimizer_section, spec_of, unwrap_optimizer
+from .integrations.transformers import LIBRARY_TAG, register
+
+register()  # this module is usable on its own: `from hf_memopt.trainer import MemOptTrainer`
+
+#: Prefix of the memory statistics in the logs.
+LOG_PREFIX = "memopt/"
+
+
+class MemOptTrainer(Trainer):
+    """A ``Trainer`` that reports the critical-gradient memory of a ``memopt_*`` optimizer.
+
+    Use it exactly like ``Trainer`` (e.g. with ``TrainingArguments(optim="memopt_adamw")``
+    or ``optimizers=(MemoryAugmentedAdamW(...), None)``). With any other optimizer it
+    behaves as the plain ``Trainer``.
+    """
+
+    def memopt_optimizer(self) -> Any:
+        """The hf_memopt optimizer being trained (unwrapped from accelerate), or None."""
+        return unwrap_optimizer(self.optimizer)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add ``memory_stats()`` to the training logs (those that carry ``loss``)."""
+        optimizer = self.memopt_optimizer()
+        if optimizer is not None and "loss" in logs:
+            logs.update({LOG_PREFIX + key: value for key, value in optimizer.memory_stats().items()})
+        super().log(logs, *args, **kwargs)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """``Trainer.create_model_card`` plus the hf_memopt tags and optimizer section."""
+        spec = spec_of(self.args, self.optimizer)
+        if spec is not None:
+            tags = [tags] if isinstance(tags, str) else list(tags or [])
+            for tag in (LIBRARY_TAG, spec.name):
+                if tag not in tags:
+                    tags.append(tag)
+        super().create_model_card(
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
+        )
+        if spec is None or not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        card = insert_section(card, optimizer_section(self.args, self.optimizer))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(card)
+
+
+__all__ = ["LOG_PREFIX", "MemOptTrainer"]
