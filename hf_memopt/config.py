@@ -99,8 +99,16 @@ class MemoryConfig:
         return cls(**{f.name: group[f.name] for f in fields(cls)})
 
     def as_group_entries(self) -> dict[str, Any]:
-        """The values as they are stored in a param group."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The values as they are stored in a param group.
+
+        ``buffer_dtype`` is stored by name (``"bfloat16"``...), not as a ``torch.dtype``: param
+        groups travel in state dicts, and DCP's ``get_optimizer_state_dict(full_state_dict=True
+        / cpu_offload=True)`` rejects a ``torch.dtype`` value ("Unexpected value type").
+        """
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.buffer_dtype is not None:
+            out["buffer_dtype"] = str(self.buffer_dtype).removeprefix("torch.")
+        return out
 
 
 MEMORY_ARG_NAMES: tuple[str, ...] = tuple(f.name for f in fields(MemoryConfig))

@@ -93,7 +93,7 @@ def test_dtypes_survive_load(param_dtype):
         for k in a:
             assert a[k].dtype == b[k].dtype, k
             assert torch.equal(a[k], b[k]), k  # fp32 priorities and sums are not rounded through bf16
-        assert b["memory_0"].dtype == opt.param_groups[0]["buffer_dtype"]
+        assert b["memory_0"].dtype == hf_memopt.MemoryConfig.from_group(opt.param_groups[0]).buffer_dtype
         assert b["priority_0"].dtype == torch.float32 and b["memory_sum"].dtype == torch.float32
 
 

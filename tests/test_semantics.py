@@ -224,8 +224,13 @@ def test_capturable_with_memory_is_refused():
 
 def test_buffer_dtype_strings():
     for name, dtype in [("bf16", torch.bfloat16), ("float16", torch.float16), ("fp32", torch.float32), (None, None)]:
-        opt = hf_memopt.MemoryAugmentedAdamW([torch.nn.Parameter(torch.zeros(1))], buffer_dtype=name)
-        assert opt.param_groups[0]["buffer_dtype"] == dtype
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = hf_memopt.MemoryAugmentedAdamW([p], buffer_dtype=name)
+        # stored by name in the param group: state dicts (DCP's too) take strings, not torch.dtype
+        assert opt.param_groups[0]["buffer_dtype"] == (None if dtype is None else str(dtype).removeprefix("torch."))
+        p.grad = torch.ones(1)
+        opt.step()
+        assert opt.state[p]["memory_0"].dtype == (dtype or torch.float32)
 
 
 def test_memory_stats():
@@ -250,4 +255,3 @@ def test_capturable_message_names_the_flag():
     p.grad = torch.ones(2)
     with pytest.raises(ValueError, match="or differentiable=False"):
         opt.step()
-

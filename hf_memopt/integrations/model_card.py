@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..config import parse_buffer_dtype
 from .optim_args import SPECS, OptimizerSpec, format_value, optim_name, resolve_optim_args
 
 START = "<!-- hf_memopt:optimizer:start -->"
@@ -53,8 +54,11 @@ def spec_of(args: Any, optimizer: Any = None) -> OptimizerSpec | None:
 def _group_values(optimizer: Any, key: str) -> list[Any]:
     values: list[Any] = []
     for group in optimizer.param_groups:
-        if group["params"] and key in group and group[key] not in values:
-            values.append(group[key])
+        if group["params"] and key in group:
+            # param groups keep buffer_dtype by name ("bfloat16"); show it like optim_args does
+            value = parse_buffer_dtype(group[key]) if key == "buffer_dtype" else group[key]
+            if value not in values:
+                values.append(value)
     return values
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..config import AGGREGATIONS, KEYS, MemoryConfig, parse_buffer_dtype
+from ..config import AGGREGATIONS, KEYS, MEMORY_ARG_NAMES, MemoryConfig, parse_buffer_dtype
 
 #: Keys the Trainer takes from ``TrainingArguments`` fields, never from ``optim_args``
 #: (as for ``adamw_torch``): a value here would be ignored or fight the field.
@@ -237,7 +237,8 @@ class ResolvedOptimArgs:
 
     def constructor_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the optimizer class (besides lr/betas/eps/weight_decay)."""
-        return {**self.memory.as_group_entries(), **self.base}
+        # the typed values (buffer_dtype as a torch.dtype), not the param-group form
+        return {**{name: getattr(self.memory, name) for name in MEMORY_ARG_NAMES}, **self.base}
 
     def values(self) -> dict[str, Any]:
         """Every key with its resolved value, in the documented order."""

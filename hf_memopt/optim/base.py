@@ -49,7 +49,7 @@ class MemoryAugmentedOptimizer:
         self._ledgers: dict[int, mem.Ledger] = {}
         self._segments: dict[int, list[tuple[int, int]]] = {}
         self._stats = _Stats()
-        self._pending_memory: dict[Any, dict[str, Any]] | None = None
+        self._pending_memory: tuple[dict[Any, dict[str, Any]], list[Any]] | None = None
         #: turns local squared norms into full-tensor ones under sharding; see ``hf_memopt.distributed``
         self.norm_reducer: mem.NormReducer | None = None
         self._auto_reducer_checked = False
@@ -76,10 +76,19 @@ class MemoryAugmentedOptimizer:
     def bind_segments(self, param: Tensor, segments: list[tuple[int, int]] | None) -> None:
         """Give ``param`` (a flat partition) one memory unit per ``(start, numel)`` segment.
 
-        Used by the DeepSpeed adapter; must happen before the first step.
+        Used by the DeepSpeed adapter; must happen before the first step (or on a state with
+        as many units, e.g. one just loaded from a checkpoint).
         """
-        if segments is not None and "memory_sum" in self.state.get(param, {}):
-            raise RuntimeError("bind_segments must be called before the first optimizer step")
+        state = self.state.get(param, {})
+        if "memory_sum" in state:
+            # Allowed on a state of the same layout, e.g. loaded from a checkpoint before binding.
+            units = state["priority_0"].numel()
+            wanted = len(segments) if segments else 1
+            if units != wanted:
+                raise RuntimeError(
+                    f"bind_segments: this parameter's memory has {units} unit(s) but {wanted} segment(s) "
+                    "were given; bind before the first optimizer step"
+                )
         if segments:
             self._segments[id(param)] = [(int(s), int(n)) for s, n in segments]
         else:
@@ -98,6 +107,8 @@ class MemoryAugmentedOptimizer:
             with torch.enable_grad():
                 loss = closure()
 
+        # Resolved before any state is allocated: a reducer may bind segments (DeepSpeed).
+        self._reducer()
         batches = []
         for group in self.param_groups:
             cfg = MemoryConfig.from_group(group)
@@ -158,7 +169,7 @@ class MemoryAugmentedOptimizer:
             for p in group["params"]:
                 g = grads.get(id(p))
                 segs = mem.segments_of(p, self._segments.get(id(p)))
-                whole = len(segs) == 1
+                whole = id(p) not in self._segments
                 for si, (start, numel) in enumerate(segs):
                     if g is not None:
                         view_pos.append(len(units))
@@ -220,9 +231,9 @@ class MemoryAugmentedOptimizer:
             state = self.state[p]
             g = grads[i]
             decisions = plan[id(p)]
-            a = self._aggregate(g, state, decisions)
+            whole = id(p) not in self._segments
+            a = self._aggregate(g, state, decisions, whole)
             for _u, start, numel, d in decisions:
-                whole = len(decisions) == 1
                 slots = [mem.unit_view(state[f"memory_{j}"], start, numel, whole) for j in range(cfg.topc)]
                 n_after = int(self._ledger(p, cfg.topc).count[_u]) + (d.mode == mem.MODE_FILL)
                 mem.admit(
@@ -243,10 +254,11 @@ class MemoryAugmentedOptimizer:
             self._update(group, _subset(lists, pending, aggregated), extra)
 
     @staticmethod
-    def _aggregate(g: Tensor, state: dict[str, Any], decisions: list) -> Tensor:
-        if len(decisions) == 1:
+    def _aggregate(g: Tensor, state: dict[str, Any], decisions: list, whole: bool) -> Tensor:
+        if whole:
             return mem.aggregate(g, state["memory_sum"], decisions[0][3], g.dtype)
-        out = torch.empty_like(g)
+        # Elements outside every segment (DeepSpeed's alignment padding) take the plain update.
+        out = g.clone()
         flat_out, flat_g, flat_s = out.view(-1), g.view(-1), state["memory_sum"].view(-1)
         for _u, start, numel, d in decisions:
             part = mem.aggregate(flat_g.narrow(0, start, numel), flat_s.narrow(0, start, numel), d, g.dtype)
@@ -329,7 +341,7 @@ class MemoryAugmentedOptimizer:
         adam_step(ptrs, ints, floats, numels, torch.get_num_threads())
         for p, topc, u, start, numel, d in refresh:
             state = self.state[p]
-            whole = len(self._segments.get(id(p), ())) <= 1
+            whole = id(p) not in self._segments
             n_after = int(self._ledger(p, topc).count[u]) + (d.mode == mem.MODE_FILL)
             slots = [mem.unit_view(state[f"memory_{j}"], start, numel, whole) for j in range(topc)]
             mem.refresh_sum(mem.unit_view(state["memory_sum"], start, numel, whole), slots, n_after)
@@ -433,18 +445,22 @@ def _subset(lists: Lists, idx: list[int], grads: list[Tensor]) -> Lists:
 
 def _take_memory_out(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     base, memory = mem.split_memory_state(state_dict.get("state", {}))
-    optimizer._pending_memory = memory
+    # Saved state is keyed by the ids listed in the saved param_groups, in parameter order; they
+    # are 0..N-1 for Optimizer.state_dict() but not for DCP's set_optimizer_state_dict.
+    saved_ids = [pid for g in state_dict.get("param_groups", []) for pid in g["params"]]
+    optimizer._pending_memory = (memory, saved_ids)
     out = dict(state_dict)
     out["state"] = base
     return out
 
 
 def _put_memory_back(optimizer: Any) -> None:
-    memory = optimizer._pending_memory or {}
+    memory, saved_ids = optimizer._pending_memory or ({}, [])
     optimizer._pending_memory = None
     optimizer._ledgers.clear()
-    # torch numbers the saved parameters in the optimizer's parameter order
-    position = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    # like torch: the i-th saved id belongs to the i-th parameter in param_groups order
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    position = {id(p): saved_ids[i] if i < len(saved_ids) else i for i, p in enumerate(params)}
     missing = 0
     for group in optimizer.param_groups:
         cfg = MemoryConfig.from_group(group)
