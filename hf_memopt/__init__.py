@@ -5,6 +5,7 @@ ICLR 2022, arXiv:2106.10708.
 """
 
 from .config import MemoryConfig
+from .estimate import estimate_memory
 from .optim import (
     MemoryAugmentedAdam,
     MemoryAugmentedAdamW,
@@ -23,6 +24,7 @@ __all__ = [
     "MemoryAugmentedSGD",
     "MemoryConfig",
     "__version__",
+    "estimate_memory",
 ]
 
 # Last, once the optimizers exist: register optim="memopt_*" with transformers if it is

@@ -336,17 +336,12 @@ def warn_missing_memory(n_params: int) -> None:
     )
 
 
+def topc_of(state: dict[str, Any]) -> int:
+    """C of a parameter's memory, from its state (one ``priority_i`` per slot)."""
+    return sum(1 for k in state if isinstance(k, str) and k.startswith("priority_"))
+
+
 def memory_bytes(state: dict[str, Any]) -> int:
     """Bytes held by the memory of one parameter on this process (slots + running sum)."""
-    total = 0
-    for k, v in state.items():
-        if (
-            isinstance(v, Tensor)
-            and isinstance(k, str)
-            and (k.startswith("memory_") and v.dim() > 0 or k == "memory_sum")
-        ):
-            if k in ("memory_count", "memory_clock"):
-                continue
-            lt = local_tensor(v)
-            total += lt.numel() * lt.element_size()
-    return total
+    names = ["memory_sum", *(f"memory_{i}" for i in range(topc_of(state)))]
+    return sum(local_tensor(state[k]).numel() * local_tensor(state[k]).element_size() for k in names if k in state)

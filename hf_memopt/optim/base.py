@@ -364,22 +364,22 @@ class MemoryAugmentedOptimizer:
         stored = capacity = 0
         age_sum = 0
         memory_bytes = state_bytes = 0
-        for group in self.param_groups:
-            topc = group["topc"]
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                state_bytes += _state_bytes(state)
-                if "memory_sum" not in state:
-                    continue
-                memory_bytes += mem.memory_bytes(state)
-                led = mem.ledger_of(state, topc, self._ledgers)
-                for u in range(led.count.shape[0]):
-                    n = int(led.count[u])
-                    stored += n
-                    capacity += topc
-                    age_sum += int(n * led.clock[u] - led.stored_at[u, :n].sum())
+        # Walk the state, not param_groups: DeepSpeed ZeRO swaps param_groups in and out around
+        # each of its step() calls, so between steps they may not list the parameters.
+        for state in self.state.values():
+            if not state:
+                continue
+            state_bytes += _state_bytes(state)
+            if "memory_sum" not in state:
+                continue
+            memory_bytes += mem.memory_bytes(state)
+            topc = mem.topc_of(state)
+            led = mem.ledger_of(state, topc, self._ledgers)
+            for u in range(led.count.shape[0]):
+                n = int(led.count[u])
+                stored += n
+                capacity += topc
+                age_sum += int(n * led.clock[u] - led.stored_at[u, :n].sum())
         seen = admitted + rejected
         return {
             "admissions": admitted,

@@ -1,0 +1,161 @@
+"""Spawn a few gloo processes on localhost for the multi-process tests.
+
+``run(fn, world_size, *args)`` starts ``world_size`` processes (``torch.multiprocessing``
+spawn), initialises a gloo process group on 127.0.0.1 and a free port in each, calls
+``fn(rank, world_size, *args)`` (a module-level function, so spawn can import it), then
+``barrier()`` and ``destroy_process_group()``. Each rank's return value comes back through
+a ``torch.save``d file; a rank's exception fails the call with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DEFAULT_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException:
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        raise
+    finally:
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results by rank."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(
+            _entry,
+            args=(world_size, free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        failure: BaseException | None = None
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=2):
+                if time.monotonic() > deadline:
+                    for proc in ctx.processes:
+                        proc.kill()
+                    failure = TimeoutError(f"{fn.__name__} did not finish within {timeout} s")
+                    break
+        except Exception as err:  # a rank died: its own traceback is reported below
+            failure = err
+        results = []
+        for rank in range(world_size):
+            path = os.path.join(out_dir, f"rank{rank}.pt")
+            if not os.path.exists(path):
+                results.append(None)
+                continue
+            data = torch.load(path, weights_only=False)
+            if not data["ok"]:
+                raise AssertionError(f"rank {rank} failed:\n{data['error']}")
+            results.append(data["result"])
+        if failure is not None:
+            raise failure
+        return results
+
+
+# -- the shared toy problem ------------------------------------------------------------------
+
+#: (key, aggregation, buffer_dtype) of the parity runs: every combination the issue names.
+PARITY_CONFIGS = [
+    (key, agg, buf) for key in ("tensor", "group") for agg in ("mean", "sum", "mid") for buf in ("fp32", "bf16")
+]
+STEPS = 10
+#: few slots, so that replacement (the part that depends on priorities) happens within STEPS
+OPT_KW = dict(lr=1e-2, topc=3, decay=0.7, weight_decay=0.01)
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    """A tiny MLP whose tensors shard unevenly (and, on 2+ ranks, emptily: the last layer has one row)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)
+    )
+
+
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Two groups like the Trainer's (decay / no decay), so ``key="group"`` sums over several tensors."""
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return [{"params": weights}, {"params": biases, "weight_decay": 0.0}]
+
+
+def batch(step: int, rank: int, per_rank: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s slice of step ``step``'s global batch (the same for any world size's rank)."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(per_rank, 6, generator=g), torch.randn(per_rank, 1, generator=g)
+
+
+def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def reference_run(
+    key: str, aggregation: str, buffer_dtype: str, world_size: int, steps: int = STEPS, **kw: Any
+) -> dict[str, torch.Tensor]:
+    """The unsharded optimizer on the full batch: the gradient is the mean of the ranks' slices.
+
+    Computed as (sum of the per-slice gradients) / world_size, the order in which DDP, FSDP and
+    DeepSpeed average them on 2 ranks, so the sharded runs see bitwise the same gradients and any
+    difference comes from the optimizer.
+    """
+    from hf_memopt import MemoryAugmentedAdamW
+
+    model = make_model()
+    opt = MemoryAugmentedAdamW(
+        param_groups(model), key=key, aggregation=aggregation, buffer_dtype=buffer_dtype, **{**OPT_KW, **kw}
+    )
+    for step in range(steps):
+        grads = None
+        for r in range(world_size):
+            model.zero_grad()
+            loss_fn(model, *batch(step, r)).backward()
+            local = [p.grad.clone() for p in model.parameters()]
+            grads = local if grads is None else [a + b for a, b in zip(grads, local)]
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g / world_size
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
