@@ -22,7 +22,6 @@ model tensors) keeps one row of scalars per segment; the scalars are then 1-D.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,6 +88,32 @@ class UnitDecision:
     slot: int  # slot written (FILL/EVICT), else -1
     priority: float  # k, already rounded to fp32
     refresh: bool  # recompute S exactly from the slots after this step's admission
+    count_after: int  # filled slots after the admission
+
+
+@dataclass
+class Decisions:
+    """The decisions of several units of one param group, as arrays aligned with the units."""
+
+    coef_g: np.ndarray  # float64 [U]
+    coef_s: np.ndarray  # float64 [U]
+    mode: np.ndarray  # int64 [U]
+    slot: np.ndarray  # int64 [U], -1 where nothing is written
+    priority: np.ndarray  # float32 [U]
+    refresh: np.ndarray  # bool [U]
+    count_after: np.ndarray  # int64 [U]
+    clock_after: np.ndarray  # int64 [U]
+
+    def unit(self, i: int) -> UnitDecision:
+        return UnitDecision(
+            float(self.coef_g[i]),
+            float(self.coef_s[i]),
+            int(self.mode[i]),
+            int(self.slot[i]),
+            float(self.priority[i]),
+            bool(self.refresh[i]),
+            int(self.count_after[i]),
+        )
 
 
 def segments_of(p: Tensor, bounds: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
@@ -156,47 +181,67 @@ def ledger_of(state: dict[str, Any], topc: int, cache: dict[int, Ledger]) -> Led
     return led
 
 
-def decide(led: Ledger, unit: int, k: float, cfg: MemoryConfig, has_grad: bool = True) -> UnitDecision:
-    """Aggregation coefficients and the admission decision of one unit (SPEC section 1, steps 2-3)."""
-    n = int(led.count[unit])
+def gather(rows: Sequence[tuple[Ledger, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Priorities [U, C], stored_at [U, C], count [U] and clock [U] of the given (ledger, unit) rows."""
+    pri = np.stack([led.priorities[u] for led, u in rows])
+    at = np.stack([led.stored_at[u] for led, u in rows])
+    count = np.array([led.count[u] for led, u in rows], dtype=np.int64)
+    clock = np.array([led.clock[u] for led, u in rows], dtype=np.int64)
+    return pri, at, count, clock
+
+
+def decide(pri: np.ndarray, count: np.ndarray, clock: np.ndarray, k: np.ndarray, cfg: MemoryConfig) -> Decisions:
+    """Aggregation coefficients and admission decisions of units that have a gradient (SPEC section 1, steps 2-3).
+
+    ``pri``/``count``/``clock`` are the units' ledger rows as they stand (see :func:`gather`); ``k``
+    their fp64 priorities this step. The arithmetic is fp64 per unit, as a scalar formula would be.
+    """
+    n = count
     kappa = cfg.kappa
-    if n == 0:
-        cg, cs = 1.0, 0.0
-    elif cfg.aggregation == "mean":
-        cg = 1.0 / (1.0 + kappa * n)
+    nf = n.astype(np.float64)
+    safe_n = np.maximum(nf, 1.0)
+    if cfg.aggregation == "mean":
+        cg = 1.0 / (1.0 + kappa * nf)
         cs = kappa * cg
     elif cfg.aggregation == "sum":
-        cg, cs = 1.0, kappa / n
+        cg = np.ones_like(nf)
+        cs = kappa / safe_n
     else:  # mid
-        cg = 1.0 / (1.0 + kappa)
-        cs = kappa / (n * (1.0 + kappa))
-    mode, slot = MODE_NONE, -1
-    k32 = float(np.float32(k))
-    if has_grad and math.isfinite(k32):
-        if n < cfg.topc:
-            mode, slot = MODE_FILL, n
-        else:
-            pri = led.priorities[unit]
-            j = int(np.argmin(pri))  # first index on ties: the lowest slot
-            if k32 > float(pri[j]):
-                mode, slot = MODE_EVICT, j
-    clock = int(led.clock[unit]) + 1
-    n_after = n + (mode == MODE_FILL)
-    return UnitDecision(cg, cs, mode, slot, k32, n_after > 0 and clock % REFRESH_INTERVAL == 0)
+        cg = np.full_like(nf, 1.0 / (1.0 + kappa))
+        cs = kappa / (safe_n * (1.0 + kappa))
+    empty = n == 0
+    cg = np.where(empty, 1.0, cg)
+    cs = np.where(empty, 0.0, cs)
+    k32 = k.astype(np.float32)
+    finite = np.isfinite(k32)
+    fill = finite & (n < cfg.topc)
+    rows = np.arange(len(n))
+    j = np.argmin(pri, axis=1) if pri.shape[0] else np.zeros(0, dtype=np.int64)  # first index on ties
+    # strictly greater than the true minimum
+    evict = finite & (n >= cfg.topc) & (k32 > pri[rows, j])
+    mode = np.where(fill, MODE_FILL, np.where(evict, MODE_EVICT, MODE_NONE)).astype(np.int64)
+    slot = np.where(fill, n, np.where(evict, j, -1)).astype(np.int64)
+    count_after = n + fill
+    clock_after = clock + 1
+    refresh = (count_after > 0) & (clock_after % REFRESH_INTERVAL == 0)
+    return Decisions(cg, cs, mode, slot, k32, refresh, count_after, clock_after)
 
 
-def commit(led: Ledger, unit: int, d: UnitDecision, decay: float) -> None:
-    """Record the decision in the ledger and age the priorities (SPEC section 1, step 5)."""
-    led.clock[unit] += 1
-    if d.mode != MODE_NONE:
-        led.priorities[unit, d.slot] = d.priority
-        led.stored_at[unit, d.slot] = led.clock[unit]
-        if d.mode == MODE_FILL:
-            led.count[unit] += 1
-    n = int(led.count[unit])
-    if n:
-        row = led.priorities[unit, :n]
-        np.multiply(row, np.float32(decay), out=row)
+def commit(rows: Sequence[tuple[Ledger, int]], pri: np.ndarray, at: np.ndarray, d: Decisions, decay: float) -> None:
+    """Record the decisions in the ledgers and age the priorities (SPEC section 1, step 5).
+
+    ``pri`` and ``at`` are the arrays :func:`gather` returned for ``rows`` (updated in place).
+    """
+    idx = np.flatnonzero(d.mode != MODE_NONE)
+    pri[idx, d.slot[idx]] = d.priority[idx]
+    at[idx, d.slot[idx]] = d.clock_after[idx]
+    filled = np.arange(pri.shape[1]) < d.count_after[:, None]
+    np.multiply(pri, np.float32(decay), out=pri, where=filled)
+    for i, (led, u) in enumerate(rows):
+        led.priorities[u] = pri[i]
+        led.stored_at[u] = at[i]
+        led.count[u] = d.count_after[i]
+        led.clock[u] = d.clock_after[i]
 
 
 def aggregate(g: Tensor, s: Tensor, d: UnitDecision, out_dtype: torch.dtype) -> Tensor:
@@ -208,11 +253,10 @@ def aggregate(g: Tensor, s: Tensor, d: UnitDecision, out_dtype: torch.dtype) -> 
     return a if out_dtype == torch.float32 else a.to(out_dtype)
 
 
-def admit(g: Tensor, s: Tensor, slots: Sequence[Tensor], count: int, d: UnitDecision) -> None:
+def admit(g: Tensor, s: Tensor, slots: Sequence[Tensor], d: UnitDecision) -> None:
     """Write ``g`` (cast to the buffer dtype) into the chosen slot and keep ``S`` in step.
 
-    ``slots``, ``s`` and ``g`` are the unit's views; ``count`` is the number of filled
-    slots after the admission (for the exact refresh).
+    ``slots``, ``s`` and ``g`` are the unit's views.
     """
     if d.mode != MODE_NONE:
         slot = slots[d.slot]
@@ -222,7 +266,7 @@ def admit(g: Tensor, s: Tensor, slots: Sequence[Tensor], count: int, d: UnitDeci
         if not d.refresh:
             s.add_(slot)
     if d.refresh:
-        refresh_sum(s, slots, count)
+        refresh_sum(s, slots, d.count_after)
 
 
 def refresh_sum(s: Tensor, slots: Sequence[Tensor], count: int) -> None:
@@ -240,6 +284,13 @@ def batched_sq_norms(grads: Sequence[Tensor]) -> Tensor:
     """
     if not grads:
         return torch.zeros(0, dtype=torch.float64)
+    if all(g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous() for g in grads):
+        from . import _kernels  # a parallel pass at memory bandwidth, where torch's norm reaches about half
+
+        if _kernels.load() is not None:
+            ptrs = [g.data_ptr() for g in grads]
+            numels = [g.numel() for g in grads]
+            return torch.from_numpy(_kernels.sq_norms(np.array(ptrs), np.array(numels), torch.get_num_threads()))
     by_device: dict[torch.device, list[int]] = {}
     for i, g in enumerate(grads):
         by_device.setdefault(g.device, []).append(i)

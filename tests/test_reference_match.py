@@ -20,10 +20,12 @@ HYPER = [(1.0, 3, 0.7), (0.5, 1, 1.0), (2.0, 4, 0.5), (1.0, 2, 0.99)]
 STEPS = 14
 
 
-def run_pair(name, base_kwargs, memory_kwargs, impl_kwargs=None, steps=STEPS, dtype=torch.float32):
+def run_pair(name, base_kwargs, memory_kwargs, impl_kwargs=None, steps=STEPS, dtype=torch.float32, setup=None):
     params = make_params(dtype)
     ref_params = clone_params(params)
     opt = getattr(hf_memopt, name)(params, **base_kwargs, **memory_kwargs, **(impl_kwargs or {}))
+    if setup is not None:
+        setup(opt)
     ref = ReferenceOptimizer(name, ref_params, **memory_kwargs, **base_kwargs)
     peak = [0.0] * len(params)
     for grads in gradient_stream(steps, dtype):
@@ -66,11 +68,19 @@ def test_matches_reference(name, aggregation, key, buffer_dtype):
     assert_memory_equal(opt, ref, params, topc)
 
 
+def _pass_through_reducer(opt):
+    # A norm reducer that changes nothing: the step then takes the path sharded runs take (decisions on
+    # the host, the single-pass kernel for the update) instead of the whole-step kernel.
+    opt.norm_reducer = lambda units, sq: sq
+
+
 IMPLS = {
-    "kernel": {},
-    "for-loop": dict(foreach=False),
-    "foreach": dict(foreach=True),
-    "fused": dict(fused=True),
+    "kernel": ({}, None),
+    "kernel, host decisions": ({}, _pass_through_reducer),
+    "eager": ({}, lambda opt: setattr(opt, "_kernel_eligible", lambda group, cfg: False)),
+    "for-loop": (dict(foreach=False), None),
+    "foreach": (dict(foreach=True), None),
+    "fused": (dict(fused=True), None),
 }
 
 
@@ -80,22 +90,27 @@ IMPLS = {
 def test_every_implementation_matches_reference(name, impl, buffer_dtype):
     base = dict(OPTIMIZERS[name])
     memory = dict(topc=3, decay=0.8, kappa=1.5, aggregation="mean", key="tensor", buffer_dtype=buffer_dtype)
-    opt, ref, params, ref_params = run_pair(name, base, memory, IMPLS[impl], steps=20)
+    impl_kwargs, setup = IMPLS[impl]
+    opt, ref, params, ref_params = run_pair(name, base, memory, impl_kwargs, steps=20, setup=setup)
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert_memory_equal(opt, ref, params, 3)
 
 
-def test_kernel_path_is_taken_by_default():
-    from hf_memopt._kernels import load
+def test_kernel_path_is_taken_by_default(monkeypatch):
+    import hf_memopt._kernels as kernels
 
-    if load() is None:
+    if kernels.load() is None:
         pytest.skip("no C compiler: the eager path is the only one here")
+    calls = []
+    real = kernels.adam_fused
+    monkeypatch.setattr(kernels, "adam_fused", lambda *a: calls.append(len(a[3])) or real(*a))
     params = make_params()
     opt = hf_memopt.MemoryAugmentedAdamW(params, topc=2)
-    group = opt.param_groups[0]
-    lists = {"params": params, "grads": [torch.zeros_like(p) for p in params]}
-    assert opt._kernel_eligible(group, hf_memopt.MemoryConfig.from_group(group), lists)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert calls == [len(params)]  # one kernel call per step, covering every tensor
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

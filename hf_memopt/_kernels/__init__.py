@@ -24,12 +24,20 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("memopt_cpu.c")
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
 
 # Column layout shared with memopt_cpu.c.
 PTR_COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "sum", "slot")
 INT_COLUMNS = ("mode", "slot_bf16", "amsgrad", "maximize", "decoupled")
 FLOAT_COLUMNS = ("coef_g", "coef_s", "lr", "weight_decay", "beta1", "beta2", "eps", "step_size", "bc2_sqrt")
+# ... and with memopt_adam_fused (the whole step, decisions included)
+FUSED_PTR_COLUMNS = (
+    *("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "sum", "step"),
+    *("priorities", "stored_at", "count", "clock"),
+)
+FUSED_INT_COLUMNS = ("topc", "slots", "group", "aggregation", "slot_bf16", "amsgrad", "maximize", "decoupled")
+FUSED_FLOAT_COLUMNS = ("kappa", "decay", "lr", "weight_decay", "beta1", "beta2", "eps")
+AGGREGATION_CODES = {"mean": 0, "sum": 1, "mid": 2}
 
 
 def cache_dir() -> Path:
@@ -84,6 +92,12 @@ def load() -> ctypes.CDLL | None:
     fn = lib.memopt_adam_step
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    fn = lib.memopt_adam_fused
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
+    fn = lib.memopt_sq_norms
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     return lib
 
 
@@ -101,3 +115,42 @@ def adam_step(ptrs: np.ndarray, ints: np.ndarray, floats: np.ndarray, numels: np
     )
     if rc != 0:
         raise MemoryError("hf_memopt CPU kernel: out of memory for its work table")
+
+
+def sq_norms(ptrs: np.ndarray, numels: np.ndarray, n_threads: int) -> np.ndarray:
+    """fp64 sums of squares of contiguous fp32 buffers (``numels[u]`` values at address ``ptrs[u]``).
+
+    Accumulated in fp64 in a fixed order: the result does not depend on ``n_threads``.
+    """
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the hf_memopt CPU kernel is not available")
+    ptrs = np.ascontiguousarray(ptrs, dtype=np.int64)
+    numels = np.ascontiguousarray(numels, dtype=np.int64)
+    out = np.empty(len(numels), dtype=np.float64)
+    rc = lib.memopt_sq_norms(len(numels), ptrs.ctypes.data, numels.ctypes.data, out.ctypes.data, int(n_threads))
+    if rc != 0:
+        raise MemoryError("hf_memopt CPU kernel: out of memory for its work table")
+    return out
+
+
+def adam_fused(
+    q: np.ndarray, ints: np.ndarray, floats: np.ndarray, numels: np.ndarray, slot_ptrs: np.ndarray, n_threads: int
+) -> np.ndarray:
+    """The whole memory-augmented Adam(W) step of ``len(numels)`` units: norms, decisions, update and
+    ledger commit (columns in ``FUSED_*_COLUMNS``). Returns ``[U, 3]``: mode, slot and refresh per unit."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the hf_memopt CPU kernel is not available")
+    arrays = [
+        np.ascontiguousarray(q, dtype=np.int64),
+        np.ascontiguousarray(ints, dtype=np.int64),
+        np.ascontiguousarray(floats, dtype=np.float64),
+        np.ascontiguousarray(numels, dtype=np.int64),
+        np.ascontiguousarray(slot_ptrs, dtype=np.int64),
+    ]
+    out = np.zeros((len(numels), 3), dtype=np.int64)
+    rc = lib.memopt_adam_fused(len(numels), *(a.ctypes.data for a in arrays), out.ctypes.data, int(n_threads))
+    if rc != 0:
+        raise MemoryError("hf_memopt CPU kernel: out of memory for its work tables")
+    return out

@@ -37,15 +37,20 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-typedef struct {
+typedef struct job job_t;
+typedef void (*chunk_fn)(const job_t *, int64_t);
+
+struct job {
+    chunk_fn fn;
     int64_t n_units;
     const int64_t *ptrs;   /* [n_units, N_PTRS] data pointers (0 when absent) */
     const int64_t *ints;   /* [n_units, N_INTS] */
     const double *floats;  /* [n_units, N_FLOATS] */
     const int64_t *chunk_unit, *chunk_start, *chunk_end;
     int64_t n_chunks;
-    int64_t next; /* atomic work counter */
-} job_t;
+    int64_t next;     /* atomic work counter */
+    double *partials; /* [n_chunks] per-chunk results of the norm pass */
+};
 
 /* The loop body, instantiated below for every combination of the compile-time flags so that each
  * instance is a straight, vectorizable loop. Flags that are cheap as arithmetic stay run-time values:
@@ -138,27 +143,62 @@ static void run_chunk(const job_t *job, int64_t c) {
     ADAM_CASES(MODE_EVICT, 1)
 }
 
+/* Sum of squares of one chunk of an fp32 tensor, accumulated in fp64. Sixteen independent lanes
+ * (summed in a fixed order at the end) let the compiler vectorize without reassociating anything,
+ * so the result depends only on the data, never on the thread count or on which thread ran it. */
+static void sq_chunk(const job_t *job, int64_t c) {
+    const int64_t u = job->chunk_unit[c], lo = job->chunk_start[c], hi = job->chunk_end[c];
+    const float *restrict x = (const float *)job->ptrs[u];
+    double acc[16] = {0};
+    int64_t i = lo;
+    for (; i + 16 <= hi; i += 16)
+        for (int j = 0; j < 16; ++j) {
+            const double xi = (double)x[i + j];
+            acc[j] += xi * xi;
+        }
+    for (int j = 0; i < hi; ++i, ++j) {
+        const double xi = (double)x[i];
+        acc[j] += xi * xi;
+    }
+    for (int w = 8; w >= 1; w /= 2)
+        for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+    job->partials[c] = acc[0];
+}
+
 static void *worker(void *arg) {
     job_t *job = (job_t *)arg;
     for (;;) {
         int64_t c = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
         if (c >= job->n_chunks) break;
-        run_chunk(job, c);
+        job->fn(job, c);
     }
     return NULL;
 }
 
-/* Returns 0 on success, -1 when memory for the chunk table cannot be had. */
-int memopt_adam_step(int64_t n_units, const int64_t *ptrs, const int64_t *ints, const double *floats,
-                     const int64_t *numels, int n_threads) {
+/* Splits every unit into chunks of CHUNK elements and runs fn over them on n_threads threads (the
+ * caller's included) that take chunks from an atomic counter: a busy core delays its own chunks, not a
+ * fixed share of the work. With partials, fills it with one value per chunk. */
+static int run_parallel(job_t *job, const int64_t *numels, int n_threads, double **partials) {
     int64_t n_chunks = 0;
-    for (int64_t u = 0; u < n_units; ++u) n_chunks += (numels[u] + CHUNK - 1) / CHUNK;
+    for (int64_t u = 0; u < job->n_units; ++u) n_chunks += (numels[u] + CHUNK - 1) / CHUNK;
     if (n_chunks == 0) return 0;
     int64_t *table = (int64_t *)malloc(sizeof(int64_t) * 3 * (size_t)n_chunks);
     if (!table) return -1;
-    job_t job = {n_units, ptrs, ints, floats, table, table + n_chunks, table + 2 * n_chunks, n_chunks, 0};
+    job->chunk_unit = table;
+    job->chunk_start = table + n_chunks;
+    job->chunk_end = table + 2 * n_chunks;
+    job->n_chunks = n_chunks;
+    job->next = 0;
+    if (partials) {
+        *partials = (double *)malloc(sizeof(double) * (size_t)n_chunks);
+        if (!*partials) {
+            free(table);
+            return -1;
+        }
+        job->partials = *partials;
+    }
     int64_t c = 0;
-    for (int64_t u = 0; u < n_units; ++u)
+    for (int64_t u = 0; u < job->n_units; ++u)
         for (int64_t s = 0; s < numels[u]; s += CHUNK) {
             table[c] = u;
             table[n_chunks + c] = s;
@@ -170,9 +210,184 @@ int memopt_adam_step(int64_t n_units, const int64_t *ptrs, const int64_t *ints, 
     pthread_t threads[64];
     int started = 0;
     for (int t = 1; t < n_threads; ++t)
-        if (pthread_create(&threads[started], NULL, worker, &job) == 0) ++started;
-    worker(&job);
+        if (pthread_create(&threads[started], NULL, worker, job) == 0) ++started;
+    worker(job);
     for (int t = 0; t < started; ++t) pthread_join(threads[t], NULL);
     free(table);
     return 0;
+}
+
+/* Returns 0 on success, -1 when memory for the chunk table cannot be had. */
+int memopt_adam_step(int64_t n_units, const int64_t *ptrs, const int64_t *ints, const double *floats,
+                     const int64_t *numels, int n_threads) {
+    job_t job = {run_chunk, n_units, ptrs, ints, floats, NULL, NULL, NULL, 0, 0, NULL};
+    return run_parallel(&job, numels, n_threads, NULL);
+}
+
+/* out[u] = sum of squares (fp64) of the numels[u] fp32 values at ptrs[u]; chunks summed in order.
+ * Returns 0 on success, -1 when memory for the work tables cannot be had. */
+int memopt_sq_norms(int64_t n_units, const int64_t *ptrs, const int64_t *numels, double *out, int n_threads) {
+    job_t job = {sq_chunk, n_units, ptrs, NULL, NULL, NULL, NULL, NULL, 0, 0, NULL};
+    double *partials = NULL;
+    for (int64_t u = 0; u < n_units; ++u) out[u] = 0.0;
+    if (run_parallel(&job, numels, n_threads, &partials) != 0) return -1;
+    if (!partials) return 0;
+    int64_t c = 0;
+    for (int64_t u = 0; u < n_units; ++u)
+        for (int64_t s = 0; s < numels[u]; s += CHUNK) out[u] += partials[c++];
+    free(partials);
+    return 0;
+}
+
+/* ---- The whole step in one call: norms, decisions, update, bookkeeping --------------------------
+ *
+ * For units that need no collective (one process, whole tensors), memopt_adam_fused runs what
+ * hf_memopt.optim.base does around memopt_adam_step, with the same arithmetic as the Python engine
+ * (hf_memopt.memory: decide, commit; torch's Adam for the step counter and bias corrections):
+ *   1. the fp64 squared norm of every gradient (parallel, as memopt_sq_norms);
+ *   2. priorities (own norm, or the sum of the group's norms in unit order), then each unit's
+ *      aggregation coefficients and admission decision from its ledger row as it stands;
+ *   3. the single-pass update of memopt_adam_step;
+ *   4. the ledger commit: clock, the admitted priority and time, count, and the decay of priorities.
+ * Columns of the per-unit tables: */
+enum {
+    Q_PARAM, Q_GRAD, Q_EXP_AVG, Q_EXP_AVG_SQ, Q_MAX_EXP_AVG_SQ, Q_SUM, Q_STEP, /* tensors (step: fp32 scalar) */
+    Q_PRI, Q_STORED_AT, Q_COUNT, Q_CLOCK,                                   /* ledger row: f32[C], i64[C], i64, i64 */
+    N_Q
+};
+enum { J_TOPC, J_SLOTS, J_GROUP, J_AGG, J_SLOT_BF16, J_AMSGRAD, J_MAXIMIZE, J_DECOUPLED, N_J };
+enum { H_KAPPA, H_DECAY, H_LR, H_WD, H_BETA1, H_BETA2, H_EPS, N_H };
+enum { AGG_MEAN, AGG_SUM, AGG_MID };
+#define REFRESH_INTERVAL 128
+
+/* slot_ptrs: for unit u, its topc slot addresses start at slot_ptrs[ints[u, J_SLOTS]].
+ * ints[u, J_GROUP]: >= 0 puts the unit in that priority group (key="group"), -1 means key="tensor".
+ * out[u] = (mode, slot, refresh) for the caller's statistics and the exact refresh of S.
+ * Returns 0 on success, -1 when memory for the work tables cannot be had. */
+int memopt_adam_fused(int64_t n_units, const int64_t *q, const int64_t *ints, const double *floats,
+                      const int64_t *numels, const int64_t *slot_ptrs, int64_t *out, int n_threads) {
+    if (n_units == 0) return 0;
+    int64_t *gptr = (int64_t *)calloc((size_t)n_units, sizeof(int64_t));
+    double *sq = (double *)malloc(sizeof(double) * (size_t)n_units);
+    double *k = (double *)malloc(sizeof(double) * (size_t)n_units);
+    double *gsum = (double *)calloc((size_t)n_units, sizeof(double));
+    int64_t *ptrs = (int64_t *)calloc((size_t)n_units * N_PTRS, sizeof(int64_t));
+    int64_t *iv = (int64_t *)calloc((size_t)n_units * N_INTS, sizeof(int64_t));
+    double *fv = (double *)calloc((size_t)n_units * N_FLOATS, sizeof(double));
+    int rc = -1;
+    if (!gptr || !sq || !k || !gsum || !ptrs || !iv || !fv) goto done;
+
+    for (int64_t u = 0; u < n_units; ++u) gptr[u] = q[u * N_Q + Q_GRAD];
+    if (memopt_sq_norms(n_units, gptr, numels, sq, n_threads) != 0) goto done;
+
+    /* priorities: np.add.at over units in order, starting from 0.0 */
+    for (int64_t u = 0; u < n_units; ++u) {
+        const int64_t grp = ints[u * N_J + J_GROUP];
+        if (grp >= 0) gsum[grp] += sqrt(sq[u]);
+    }
+    for (int64_t u = 0; u < n_units; ++u) {
+        const int64_t grp = ints[u * N_J + J_GROUP];
+        k[u] = grp >= 0 ? gsum[grp] : sqrt(sq[u]);
+    }
+
+    for (int64_t u = 0; u < n_units; ++u) {
+        const int64_t *Q = q + u * N_Q, *J = ints + u * N_J;
+        const double *H = floats + u * N_H;
+        const int64_t topc = J[J_TOPC], n = *(const int64_t *)Q[Q_COUNT];
+        const float *pri = (const float *)Q[Q_PRI];
+        const double kappa = H[H_KAPPA];
+        double cg, cs;
+        if (n == 0) {
+            cg = 1.0;
+            cs = 0.0;
+        } else if (J[J_AGG] == AGG_MEAN) {
+            cg = 1.0 / (1.0 + kappa * (double)n);
+            cs = kappa * cg;
+        } else if (J[J_AGG] == AGG_SUM) {
+            cg = 1.0;
+            cs = kappa / (double)n;
+        } else {
+            cg = 1.0 / (1.0 + kappa);
+            cs = kappa / ((double)n * (1.0 + kappa));
+        }
+        const float k32 = (float)k[u];
+        int64_t mode = MODE_NONE, slot = -1;
+        if (isfinite(k32)) {
+            if (n < topc) {
+                mode = MODE_FILL;
+                slot = n;
+            } else {
+                int64_t j = 0; /* first index on ties: the lowest slot */
+                for (int64_t i = 1; i < topc; ++i)
+                    if (pri[i] < pri[j]) j = i;
+                if (k32 > pri[j]) { /* strictly greater than the true minimum */
+                    mode = MODE_EVICT;
+                    slot = j;
+                }
+            }
+        }
+        const int64_t count_after = n + (mode == MODE_FILL);
+        const int64_t clock_after = *(const int64_t *)Q[Q_CLOCK] + 1;
+        out[u * 3 + 0] = mode;
+        out[u * 3 + 1] = slot;
+        out[u * 3 + 2] = count_after > 0 && clock_after % REFRESH_INTERVAL == 0;
+
+        /* torch's Adam: step_t += 1, then Python-float bias corrections from step_t.item() */
+        float *step_t = (float *)Q[Q_STEP];
+        *step_t += 1.0f;
+        const double step = (double)*step_t;
+        const double beta1 = H[H_BETA1], beta2 = H[H_BETA2], lr = H[H_LR];
+        const double bc1 = 1.0 - pow(beta1, step), bc2 = 1.0 - pow(beta2, step);
+
+        int64_t *P = ptrs + u * N_PTRS, *I = iv + u * N_INTS;
+        double *F = fv + u * N_FLOATS;
+        P[P_PARAM] = Q[Q_PARAM];
+        P[P_GRAD] = Q[Q_GRAD];
+        P[P_EXP_AVG] = Q[Q_EXP_AVG];
+        P[P_EXP_AVG_SQ] = Q[Q_EXP_AVG_SQ];
+        P[P_MAX_EXP_AVG_SQ] = Q[Q_MAX_EXP_AVG_SQ];
+        P[P_SUM] = Q[Q_SUM];
+        P[P_SLOT] = mode != MODE_NONE ? slot_ptrs[J[J_SLOTS] + slot] : 0;
+        I[I_MODE] = mode;
+        I[I_SLOT_BF16] = J[J_SLOT_BF16];
+        I[I_AMSGRAD] = J[J_AMSGRAD];
+        I[I_MAXIMIZE] = J[J_MAXIMIZE];
+        I[I_DECOUPLED] = J[J_DECOUPLED];
+        F[F_COEF_G] = cg;
+        F[F_COEF_S] = cs;
+        F[F_LR] = lr;
+        F[F_WD] = H[H_WD];
+        F[F_BETA1] = beta1;
+        F[F_BETA2] = beta2;
+        F[F_EPS] = H[H_EPS];
+        F[F_STEP_SIZE] = lr / bc1;
+        F[F_BC2_SQRT] = pow(bc2, 0.5);
+    }
+
+    if (memopt_adam_step(n_units, ptrs, iv, fv, numels, n_threads) != 0) goto done;
+
+    for (int64_t u = 0; u < n_units; ++u) {
+        const int64_t *Q = q + u * N_Q;
+        const int64_t mode = out[u * 3], slot = out[u * 3 + 1];
+        float *pri = (float *)Q[Q_PRI];
+        int64_t *at = (int64_t *)Q[Q_STORED_AT], *count = (int64_t *)Q[Q_COUNT], *clock = (int64_t *)Q[Q_CLOCK];
+        *clock += 1;
+        if (mode != MODE_NONE) {
+            pri[slot] = (float)k[u];
+            at[slot] = *clock;
+            if (mode == MODE_FILL) *count += 1;
+        }
+        const float decay = (float)floats[u * N_H + H_DECAY];
+        for (int64_t i = 0; i < *count; ++i) pri[i] = pri[i] * decay;
+    }
+    rc = 0;
+done:
+    free(gptr);
+    free(sq);
+    free(k);
+    free(gsum);
+    free(ptrs);
+    free(iv);
+    free(fv);
+    return rc;
 }

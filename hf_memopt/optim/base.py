@@ -13,7 +13,8 @@ the memory hyperparameters and replaces ``step``:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,6 +54,9 @@ class MemoryAugmentedOptimizer:
         #: turns local squared norms into full-tensor ones under sharding; see ``hf_memopt.distributed``
         self.norm_reducer: mem.NormReducer | None = None
         self._auto_reducer_checked = False
+        #: kernel columns per param group for the whole-step CPU kernel, and a counter that invalidates them
+        self._fused_tables: dict[int, _FusedTable] = {}
+        self._layout_version = 0
 
     def _finish_setup(self) -> None:
         """Call after the torch counterpart's ``__init__``."""
@@ -72,6 +76,7 @@ class MemoryAugmentedOptimizer:
         param_group.update(cfg.as_group_entries())
         super().add_param_group(param_group)  # type: ignore[misc]
         self._auto_reducer_checked = False
+        self._layout_version = getattr(self, "_layout_version", 0) + 1
 
     def bind_segments(self, param: Tensor, segments: list[tuple[int, int]] | None) -> None:
         """Give ``param`` (a flat partition) one memory unit per ``(start, numel)`` segment.
@@ -93,6 +98,7 @@ class MemoryAugmentedOptimizer:
             self._segments[id(param)] = [(int(s), int(n)) for s, n in segments]
         else:
             self._segments.pop(id(param), None)
+        self._layout_version += 1
 
     # -- the step -----------------------------------------------------------------------
 
@@ -123,69 +129,88 @@ class MemoryAugmentedOptimizer:
             extra = self._init_group(group, *lists.values())  # type: ignore[attr-defined]
             if cfg.kappa > 0.0:
                 for p in lists["params"]:
-                    if torch.is_complex(p):
-                        raise ValueError("complex parameters are not supported with the memory on (kappa > 0)")
                     state = self.state[p]
                     if "memory_sum" not in state:
+                        if torch.is_complex(p):
+                            raise ValueError("complex parameters are not supported with the memory on (kappa > 0)")
                         mem.init_state(p, state, cfg, len(mem.segments_of(p, self._segments.get(id(p)))))
             batches.append((group, cfg, lists, extra))
 
-        plans = self._plan(batches)
-        fast_units: list[tuple[dict[str, Any], Tensor, Tensor, Any, mem.UnitDecision, int, int]] = []
-        for (group, cfg, lists, extra), plan in zip(batches, plans):
-            if not lists["params"]:
+        # Groups the whole-step kernel takes (one process, CPU fp32, no segments): decided and updated in C.
+        whole_step: dict[int, _FusedTable] = {}
+        if self.norm_reducer is None:
+            for gi, (group, cfg, lists, _extra) in enumerate(batches):
+                if cfg.kappa > 0.0 and lists["params"] and self._kernel_eligible(group, cfg):
+                    table = self._fused_table(gi, group, cfg, lists)
+                    if table is not None:
+                        whole_step[gi] = table
+        plans = self._plan(batches, skip=whole_step)
+        if whole_step:
+            self._run_whole_step(list(whole_step.values()))
+        fast: list[tuple[dict[str, Any], MemoryConfig, Lists, _Plan]] = []
+        for gi, ((group, cfg, lists, extra), plan) in enumerate(zip(batches, plans)):
+            if not lists["params"] or gi in whole_step:
                 continue
             if cfg.kappa == 0.0:
                 self._update(group, lists, extra)
-            elif self._kernel_eligible(group, cfg, lists):
-                self._collect_fast(group, lists, plan, fast_units)
+            elif plan is not None and self._kernel_eligible(group, cfg):
+                fast.append((group, cfg, lists, plan))
             else:
-                self._eager_group(group, cfg, lists, extra, plan)
-        if fast_units:
-            self._run_fast(fast_units)
-        for (_group, cfg, lists, _extra), plan in zip(batches, plans):
-            if cfg.kappa > 0.0:
-                for p in lists["params"]:
-                    led = self._ledger(p, cfg.topc)
-                    for u, _start, _numel, d in plan[id(p)]:
-                        mem.commit(led, u, d, cfg.decay)
-                        self._stats.record(d)
+                self._eager_group(group, lists, extra, plan)
+        if fast:
+            self._run_fast(fast, batches, plans)
+        for (_group, cfg, _lists, _extra), plan in zip(batches, plans):
+            if plan is not None:
+                mem.commit(plan.rows, plan.pri, plan.at, plan.d, cfg.decay)
+                self._stats.record(plan.d)
         return loss
 
-    def _plan(self, batches: list[tuple[dict[str, Any], MemoryConfig, Lists, Any]]) -> list[dict[int, list]]:
-        """Priorities (one batched norm, optional all-reduce, one transfer) and the decisions."""
-        units: list[tuple[Tensor, int]] = []
+    def _plan(
+        self, batches: list[tuple[dict[str, Any], MemoryConfig, Lists, Any]], skip: Container[int] = ()
+    ) -> list[_Plan | None]:
+        """Priorities (one batched norm, optional all-reduce, one transfer) and the decisions.
+
+        Groups whose index is in ``skip`` are left out (the whole-step kernel takes them).
+        """
+        reducer = self._reducer()
+        units: list[tuple[Tensor, int]] = []  # every unit of every memory group: the reducer's layout
         unit_group: list[int] = []
-        unit_key: list[int] = []
-        unit_has: list[bool] = []
         views: list[Tensor] = []
         view_pos: list[int] = []
+        entries: list[list[tuple[int, Tensor, int, int, int]]] = [[] for _ in batches]
+        key_group: list[bool] = []
         for gi, (group, cfg, lists, _extra) in enumerate(batches):
-            if cfg.kappa == 0.0:
+            key_group.append(cfg.key == "group")
+            if cfg.kappa == 0.0 or gi in skip:
                 continue
-            grads = {id(p): g for p, g in zip(lists["params"], lists["grads"])}
-            # Every parameter of the group takes a place, gradient or not, so that the vector has
-            # the same layout on every rank of a sharded run.
-            for p in group["params"]:
-                g = grads.get(id(p))
-                segs = mem.segments_of(p, self._segments.get(id(p)))
-                whole = id(p) not in self._segments
-                for si, (start, numel) in enumerate(segs):
-                    if g is not None:
+            out = entries[gi]
+            index = {id(p): i for i, p in enumerate(lists["params"])}
+            # Under a reducer every parameter of the group takes a place, gradient or not, so that
+            # the vector has the same layout on every rank; otherwise only those with a gradient.
+            for p in group["params"] if reducer is not None else lists["params"]:
+                i = index.get(id(p))
+                bounds = self._segments.get(id(p))
+                if bounds is None:
+                    if i is not None:
+                        g = lists["grads"][i]
                         view_pos.append(len(units))
-                        views.append(mem.unit_view(g, start, numel, whole))
+                        views.append(mem.local_tensor(g))
+                        out.append((len(units), p, i, 0, -1))
+                    units.append((p, 0))
+                    unit_group.append(gi)
+                    continue
+                for si, (start, numel) in enumerate(bounds):
+                    if i is not None:
+                        g = lists["grads"][i]
+                        view_pos.append(len(units))
+                        views.append(mem.unit_view(g, start, numel, False))
+                        out.append((len(units), p, i, si, start))
                     units.append((p, si))
                     unit_group.append(gi)
-                    unit_key.append(cfg.key == "group")
-                    unit_has.append(g is not None)
-        plans: list[dict[int, list]] = [{} for _ in batches]
+        plans: list[_Plan | None] = [None] * len(batches)
         if not units:
             return plans
-        reducer = self._reducer()
-        if views:
-            sq_local = mem.batched_sq_norms(views)
-        else:
-            sq_local = torch.zeros(0, dtype=torch.float64)
+        sq_local = mem.batched_sq_norms(views) if views else torch.zeros(0, dtype=torch.float64)
         if reducer is None and len(view_pos) == len(units):
             sq = sq_local
         else:
@@ -195,16 +220,19 @@ class MemoryAugmentedOptimizer:
             if reducer is not None:
                 sq = reducer(units, sq)
         norms = sq.sqrt().cpu().numpy()  # the one device-to-host transfer of the step
-        has = np.array(unit_has, dtype=bool)
-        k = mem.group_priorities(norms, np.array(unit_group), has, np.array(unit_key))
-        for ui, (p, si) in enumerate(units):
-            if not unit_has[ui]:
+        groups = np.array(unit_group)
+        has = np.zeros(len(units), dtype=bool)
+        has[view_pos] = True
+        k = mem.group_priorities(norms, groups, has, np.array(key_group)[groups])
+        for gi, out in enumerate(entries):
+            if not out:
                 continue
-            gi = unit_group[ui]
             cfg = batches[gi][1]
-            led = self._ledger(p, cfg.topc)
-            start, numel = mem.segments_of(p, self._segments.get(id(p)))[si]
-            plans[gi].setdefault(id(p), []).append((si, start, numel, mem.decide(led, si, float(k[ui]), cfg)))
+            states = [self.state[p] for _, p, _, _, _ in out]
+            rows = [(mem.ledger_of(st, cfg.topc, self._ledgers), si) for st, (_, _, _, si, _) in zip(states, out)]
+            pri, at, count, clock = mem.gather(rows)
+            d = mem.decide(pri, count, clock, k[[u for u, *_ in out]], cfg)
+            plans[gi] = _Plan([(p, i, si, start) for _, p, i, si, start in out], states, rows, pri, at, d)
         return plans
 
     def _ledger(self, p: Tensor, topc: int) -> mem.Ledger:
@@ -220,29 +248,34 @@ class MemoryAugmentedOptimizer:
 
     # -- eager path ---------------------------------------------------------------------
 
-    def _eager_group(
-        self, group: dict[str, Any], cfg: MemoryConfig, lists: Lists, extra: Any, plan: dict[int, list]
-    ) -> None:
+    def _eager_group(self, group: dict[str, Any], lists: Lists, extra: Any, plan: _Plan | None) -> None:
         params, grads = lists["params"], lists["grads"]
+        by_param: dict[int, list[int]] = {}
+        if plan is not None:
+            for j, (_p, i, _si, _start) in enumerate(plan.units):
+                by_param.setdefault(i, []).append(j)
         aggregated = list(grads)
         pending: list[int] = []
         in_flight = 0
         for i, p in enumerate(params):
-            state = self.state[p]
             g = grads[i]
-            decisions = plan[id(p)]
-            whole = id(p) not in self._segments
-            a = self._aggregate(g, state, decisions, whole)
-            for _u, start, numel, d in decisions:
-                slots = [mem.unit_view(state[f"memory_{j}"], start, numel, whole) for j in range(cfg.topc)]
-                n_after = int(self._ledger(p, cfg.topc).count[_u]) + (d.mode == mem.MODE_FILL)
-                mem.admit(
-                    mem.unit_view(g, start, numel, whole),
-                    mem.unit_view(state["memory_sum"], start, numel, whole),
-                    slots,
-                    n_after,
-                    d,
-                )
+            js = by_param.get(i)
+            a = g
+            if js is not None:
+                state = plan.states[js[0]]  # type: ignore[union-attr]
+                topc = mem.topc_of(state)
+                whole = plan.units[js[0]][3] < 0  # type: ignore[union-attr]
+                decisions = [(plan.units[j], plan.d.unit(j)) for j in js]  # type: ignore[union-attr]
+                a = self._aggregate(g, state, decisions, whole)
+                for (_p, _i, _si, start), d in decisions:
+                    numel = mem.local_tensor(p).numel() if whole else self._segments[id(p)][_si][1]
+                    slots = [mem.unit_view(state[f"memory_{j}"], start, numel, whole) for j in range(topc)]
+                    mem.admit(
+                        mem.unit_view(g, start, numel, whole),
+                        mem.unit_view(state["memory_sum"], start, numel, whole),
+                        slots,
+                        d,
+                    )
             aggregated[i] = a
             pending.append(i)
             if a is not g:
@@ -253,98 +286,151 @@ class MemoryAugmentedOptimizer:
         if pending:
             self._update(group, _subset(lists, pending, aggregated), extra)
 
-    @staticmethod
-    def _aggregate(g: Tensor, state: dict[str, Any], decisions: list, whole: bool) -> Tensor:
+    def _aggregate(self, g: Tensor, state: dict[str, Any], decisions: list, whole: bool) -> Tensor:
         if whole:
-            return mem.aggregate(g, state["memory_sum"], decisions[0][3], g.dtype)
+            return mem.aggregate(g, state["memory_sum"], decisions[0][1], g.dtype)
         # Elements outside every segment (DeepSpeed's alignment padding) take the plain update.
         out = g.clone()
         flat_out, flat_g, flat_s = out.view(-1), g.view(-1), state["memory_sum"].view(-1)
-        for _u, start, numel, d in decisions:
+        for (p, _i, si, start), d in decisions:
+            numel = self._segments[id(p)][si][1]
             part = mem.aggregate(flat_g.narrow(0, start, numel), flat_s.narrow(0, start, numel), d, g.dtype)
             flat_out.narrow(0, start, numel).copy_(part)
         return out
 
     # -- single-pass CPU kernel ---------------------------------------------------------
 
-    def _kernel_eligible(self, group: dict[str, Any], cfg: MemoryConfig, lists: Lists) -> bool:
+    def _kernel_eligible(self, group: dict[str, Any], cfg: MemoryConfig) -> bool:
         if not self._has_cpu_kernel or group.get("fused") is not None or group.get("foreach") is not None:
             return False
         if isinstance(group["lr"], Tensor) or any(isinstance(b, Tensor) for b in group["betas"]):
             return False
         if cfg.buffer_dtype not in (None, torch.float32, torch.bfloat16):
             return False
-        for p, g in zip(lists["params"], lists["grads"]):
-            lp, lg = mem.local_tensor(p), mem.local_tensor(g)
-            if (
-                lp.device.type != "cpu"
-                or lp.dtype != torch.float32
-                or lg.dtype != torch.float32
-                or not lp.is_contiguous()
-                or not lg.is_contiguous()
-            ):
-                return False
         return load_kernel() is not None
 
-    def _collect_fast(self, group: dict[str, Any], lists: Lists, plan: dict[int, list], out: list) -> None:
-        steps = lists["state_steps"]
-        torch._foreach_add_(steps, 1)
-        beta1, beta2 = group["betas"]
-        for i, p in enumerate(lists["params"]):
-            step = float(steps[i].item())
-            for u, start, numel, d in plan[id(p)]:
-                out.append((group, p, lists["grads"][i], step, u, d, start, numel))
-
-    def _run_fast(self, units: list) -> None:
+    def _run_fast(self, work: list[tuple[dict[str, Any], MemoryConfig, Lists, _Plan]], batches, plans) -> None:
         from .._kernels import adam_step
 
-        n = len(units)
-        ptrs = np.zeros((n, 7), dtype=np.int64)
-        ints = np.zeros((n, 5), dtype=np.int64)
-        floats = np.zeros((n, 9), dtype=np.float64)
-        numels = np.zeros(n, dtype=np.int64)
-        refresh = []
-        for r, (group, p, g, step, u, d, start, numel) in enumerate(units):
-            state = self.state[p]
+        ptrs: list[tuple[int, ...]] = []
+        numels: list[int] = []
+        ints: list[np.ndarray] = []
+        floats: list[np.ndarray] = []
+        refresh: list[tuple[dict[str, Any], int, int, int, int]] = []
+        for group, cfg, lists, plan in work:
+            rows = _kernel_rows(plan, lists, bool(group["amsgrad"]), self._segments)
+            if rows is None:  # a tensor the kernel does not take (dtype, device, layout): the exact eager path
+                gi = next(n for n, b in enumerate(batches) if b[0] is group)
+                self._eager_group(group, lists, batches[gi][3], plan)
+                continue
+            group_ptrs, group_numels = rows
+            steps = lists["state_steps"]
+            torch._foreach_add_(steps, 1)
+            step_of = torch.stack(steps).tolist()
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            amsgrad = bool(group["amsgrad"])
-
-            def addr(t: Tensor, start: int = start) -> int:
-                lt = mem.local_tensor(t)
-                return lt.data_ptr() + start * lt.element_size()
-
-            slot = state[f"memory_{d.slot}"] if d.mode != mem.MODE_NONE else None
-            ptrs[r] = (
-                addr(p),
-                addr(g),
-                addr(state["exp_avg"]),
-                addr(state["exp_avg_sq"]),
-                addr(state["max_exp_avg_sq"]) if amsgrad else 0,
-                addr(state["memory_sum"]),
-                addr(slot) if slot is not None else 0,
-            )
-            slot_bf16 = slot is not None and slot.dtype == torch.bfloat16
-            ints[r] = (
-                d.mode,
-                slot_bf16,
-                amsgrad,
-                bool(group["maximize"]),
-                bool(group.get("decoupled_weight_decay", False)),
-            )
-            bc1 = 1 - beta1**step
-            bc2 = 1 - beta2**step
-            floats[r] = (d.coef_g, d.coef_s, lr, group["weight_decay"], beta1, beta2, group["eps"], lr / bc1, bc2**0.5)
-            numels[r] = numel
-            if d.refresh:
-                refresh.append((p, group["topc"], u, start, numel, d))
-        adam_step(ptrs, ints, floats, numels, torch.get_num_threads())
-        for p, topc, u, start, numel, d in refresh:
-            state = self.state[p]
-            whole = id(p) not in self._segments
-            n_after = int(self._ledger(p, topc).count[u]) + (d.mode == mem.MODE_FILL)
+            # torch's single-tensor Adam computes these in Python floats; so do we, once per distinct step
+            coef = {s: (lr / (1 - beta1**s), (1 - beta2**s) ** 0.5) for s in set(step_of)}
+            d = plan.d
+            n = len(plan.units)
+            gi = np.zeros((n, 5), dtype=np.int64)
+            gi[:, 0] = d.mode
+            gi[:, 1] = (d.mode != mem.MODE_NONE) & (cfg.buffer_dtype == torch.bfloat16)
+            gi[:, 2] = bool(group["amsgrad"])
+            gi[:, 3] = bool(group["maximize"])
+            gi[:, 4] = bool(group.get("decoupled_weight_decay", False))
+            gf = np.empty((n, 9), dtype=np.float64)
+            gf[:, 0] = d.coef_g
+            gf[:, 1] = d.coef_s
+            gf[:, 2:7] = (lr, group["weight_decay"], beta1, beta2, group["eps"])
+            gf[:, 7:9] = [coef[step_of[i]] for _p, i, _si, _start in plan.units]
+            ptrs += group_ptrs
+            numels += group_numels
+            ints.append(gi)
+            floats.append(gf)
+            for j in np.flatnonzero(d.refresh):
+                refresh.append((plan.states[j], plan.units[j][3], group_numels[j], int(d.count_after[j]), cfg.topc))
+        if not ptrs:
+            return
+        adam_step(
+            np.array(ptrs, dtype=np.int64),
+            np.concatenate(ints),
+            np.concatenate(floats),
+            np.array(numels),
+            torch.get_num_threads(),
+        )
+        for state, start, numel, count, topc in refresh:
+            whole = start < 0
+            start = max(start, 0)
             slots = [mem.unit_view(state[f"memory_{j}"], start, numel, whole) for j in range(topc)]
-            mem.refresh_sum(mem.unit_view(state["memory_sum"], start, numel, whole), slots, n_after)
+            mem.refresh_sum(mem.unit_view(state["memory_sum"], start, numel, whole), slots, count)
+
+    # -- whole step in C (one process, no collective) ------------------------------------
+
+    def _fused_table(self, gi: int, group: dict[str, Any], cfg: MemoryConfig, lists: Lists) -> _FusedTable | None:
+        """The group's cached kernel columns with this step's addresses, or None if the kernel cannot take it."""
+        amsgrad = bool(group["amsgrad"])
+        params = lists["params"]
+        table = self._fused_tables.get(gi)
+        if table is None or not table.still_valid(self, group, cfg, lists, amsgrad):
+            table = _FusedTable.build(self, group, cfg, lists, amsgrad)
+            self._fused_tables[gi] = table
+        if not table.ok:
+            return None
+        q = table.q
+        # Gradients are new tensors every step (zero_grad(set_to_none=True)) and a parameter's storage can
+        # be swapped (``p.data = ...``): their addresses are read every step, and checked.
+        grad_ptrs = []
+        for g in lists["grads"]:
+            lg = g if type(g) is Tensor else mem.local_tensor(g)
+            if lg.dtype != torch.float32 or lg.device.type != "cpu" or not lg.is_contiguous():
+                return None
+            grad_ptrs.append(lg.data_ptr())
+        param_ptrs = [(p if type(p) in _PLAIN else mem.local_tensor(p)).data_ptr() for p in params]
+        if param_ptrs != table.param_ptrs:
+            table = _FusedTable.build(self, group, cfg, lists, amsgrad)
+            self._fused_tables[gi] = table
+            if not table.ok:
+                return None
+            q = table.q
+        q[:, 1] = grad_ptrs
+        beta1, beta2 = group["betas"]
+        table.floats[:, 2:7] = (group["lr"], group["weight_decay"], beta1, beta2, group["eps"])
+        return table
+
+    def _run_whole_step(self, tables: list[_FusedTable]) -> None:
+        from .._kernels import adam_fused
+
+        if len(tables) == 1:
+            t = tables[0]
+            q, ints, floats, numels, slot_ptrs = t.q, t.ints, t.floats, t.numels, t.slot_ptrs
+        else:
+            # several groups in one call: renumber their priority groups and slot offsets
+            q = np.concatenate([t.q for t in tables])
+            ints = np.concatenate([t.ints for t in tables])
+            floats = np.concatenate([t.floats for t in tables])
+            numels = np.concatenate([t.numels for t in tables])
+            slot_ptrs = np.concatenate([t.slot_ptrs for t in tables])
+            row = slot_off = 0
+            for gi, t in enumerate(tables):
+                n = len(t.numels)
+                ints[row : row + n, 1] += slot_off
+                ints[row : row + n, 2] = np.where(ints[row : row + n, 2] >= 0, gi, -1)
+                row += n
+                slot_off += len(t.slot_ptrs)
+        out = adam_fused(q, ints, floats, numels, slot_ptrs, torch.get_num_threads())
+        row = 0
+        for t in tables:
+            n = len(t.numels)
+            mode = out[row : row + n, 0]
+            admitted = int(np.count_nonzero(mode))
+            self._stats.admitted += admitted
+            self._stats.rejected += n - admitted
+            for j in np.flatnonzero(out[row : row + n, 2]):
+                state = t.states[j]
+                slots = [mem.local_tensor(state[f"memory_{i}"]) for i in range(t.topc)]
+                mem.refresh_sum(mem.local_tensor(state["memory_sum"]), slots, int(t.ledgers[j].count[0]))
+            row += n
 
     # -- base update (per optimizer) ----------------------------------------------------
 
@@ -399,16 +485,179 @@ class _Stats:
         self.admitted = 0
         self.rejected = 0
 
-    def record(self, d: mem.UnitDecision) -> None:
-        if d.mode == mem.MODE_NONE:
-            self.rejected += 1
-        else:
-            self.admitted += 1
+    def record(self, d: mem.Decisions) -> None:
+        admitted = int(np.count_nonzero(d.mode))
+        self.admitted += admitted
+        self.rejected += len(d.mode) - admitted
 
     def take(self) -> tuple[int, int]:
         out = (self.admitted, self.rejected)
         self.admitted = self.rejected = 0
         return out
+
+
+@dataclass
+class _Plan:
+    """One param group's units that have a gradient this step, and their decisions."""
+
+    units: list[tuple[Tensor, int, int, int]]  # (param, index in the group's lists, segment, start or -1)
+    states: list[dict[str, Any]]  # optimizer.state[param] per unit
+    rows: list[tuple[mem.Ledger, int]]  # ledger rows per unit
+    pri: np.ndarray  # gathered ledger rows, updated by the commit
+    at: np.ndarray
+    d: mem.Decisions
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+class _FusedTable:
+    """Kernel columns of one param group for ``memopt_adam_fused``, kept between steps.
+
+    Valid while the group holds the same tensors with a gradient, the same state tensors (torch's
+    lists from ``_init_group`` are compared by identity) and the same ledgers (a load replaces them and
+    bumps the optimizer's layout version); the gradient and parameter addresses are read every step.
+    """
+
+    ok: bool
+
+    @classmethod
+    def build(
+        cls, opt: MemoryAugmentedOptimizer, group: dict[str, Any], cfg: MemoryConfig, lists: Lists, amsgrad: bool
+    ) -> _FusedTable:
+        from .._kernels import AGGREGATION_CODES
+
+        t = cls()
+        t.ok = False
+        t.group, t.cfg, t.amsgrad, t.version, t.state_obj = group, cfg, amsgrad, opt._layout_version, opt.state
+        t.params = list(lists["params"])
+        t.exp_avgs, t.exp_avg_sqs = list(lists["exp_avgs"]), list(lists["exp_avg_sqs"])
+        t.maxs, t.steps = list(lists["max_exp_avg_sqs"]), list(lists["state_steps"])
+        t.topc = cfg.topc
+        t.states = [opt.state[p] for p in t.params]
+        t.param_ptrs = []
+        n = len(t.params)
+        t.q = np.zeros((n, 11), dtype=np.int64)
+        t.ints = np.zeros((n, 8), dtype=np.int64)
+        t.floats = np.zeros((n, 7), dtype=np.float64)
+        t.numels = np.zeros(n, dtype=np.int64)
+        t.slot_ptrs = np.zeros(n * cfg.topc, dtype=np.int64)
+        t.ledgers, t.anchors, t.keep_alive = [], [], []
+        bf16 = cfg.buffer_dtype == torch.bfloat16
+        for j, (p, state) in enumerate(zip(t.params, t.states)):
+            if id(p) in opt._segments:
+                return t
+            lp = mem.local_tensor(p)
+            tensors = [lp] + [mem.local_tensor(state[k]) for k in ("exp_avg", "exp_avg_sq", "memory_sum")]
+            if amsgrad:
+                tensors.append(mem.local_tensor(state["max_exp_avg_sq"]))
+            slots = [mem.local_tensor(state[f"memory_{i}"]) for i in range(cfg.topc)]
+            step = state["step"]
+            if (
+                any(x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() for x in tensors)
+                or any(x.dtype != (torch.bfloat16 if bf16 else torch.float32) or not x.is_contiguous() for x in slots)
+                or step.dtype != torch.float32
+                or step.device.type != "cpu"
+                or step.dim() != 0
+            ):
+                return t
+            led = mem.ledger_of(state, cfg.topc, opt._ledgers)
+            if led.count.shape[0] != 1 or not led.priorities.flags.c_contiguous:
+                return t
+            t.ledgers.append(led)
+            t.anchors.append(state["priority_0"])
+            t.keep_alive += [*tensors, *slots, step]  # the kernel holds raw addresses of these
+            t.param_ptrs.append(lp.data_ptr())
+            t.q[j] = (
+                lp.data_ptr(),
+                0,
+                tensors[1].data_ptr(),
+                tensors[2].data_ptr(),
+                tensors[4].data_ptr() if amsgrad else 0,
+                tensors[3].data_ptr(),
+                step.data_ptr(),
+                led.priorities.ctypes.data,
+                led.stored_at.ctypes.data,
+                led.count.ctypes.data,
+                led.clock.ctypes.data,
+            )
+            t.slot_ptrs[j * cfg.topc : (j + 1) * cfg.topc] = [x.data_ptr() for x in slots]
+            t.ints[j] = (
+                cfg.topc,
+                j * cfg.topc,
+                0 if cfg.key == "group" else -1,
+                AGGREGATION_CODES[cfg.aggregation],
+                bf16,
+                amsgrad,
+                bool(group["maximize"]),
+                bool(group.get("decoupled_weight_decay", False)),
+            )
+            t.numels[j] = lp.numel()
+        t.floats[:, 0] = cfg.kappa
+        t.floats[:, 1] = cfg.decay
+        t.ok = True
+        return t
+
+    def still_valid(
+        self, opt: MemoryAugmentedOptimizer, group: dict[str, Any], cfg: MemoryConfig, lists: Lists, amsgrad: bool
+    ) -> bool:
+        return (
+            self.group is group
+            and self.version == opt._layout_version
+            and self.state_obj is opt.state
+            and self.cfg == cfg
+            and self.amsgrad == amsgrad
+            and _same(self.params, lists["params"])
+            and _same(self.exp_avgs, lists["exp_avgs"])
+            and _same(self.exp_avg_sqs, lists["exp_avg_sqs"])
+            and _same(self.steps, lists["state_steps"])
+            and (not amsgrad or _same(self.maxs, lists["max_exp_avg_sqs"]))
+            and (not self.ok or all(st["priority_0"] is a for st, a in zip(self.states, self.anchors)))
+        )
+
+
+def _kernel_rows(
+    plan: _Plan, lists: Lists, amsgrad: bool, segments: dict[int, list[tuple[int, int]]]
+) -> tuple[list[tuple[int, ...]], list[int]] | None:
+    """Addresses (columns of ``memopt_cpu.c``) and sizes of the units, or None if one cannot take the kernel."""
+    ptrs: list[tuple[int, ...]] = []
+    numels: list[int] = []
+    modes, slots = plan.d.mode.tolist(), plan.d.slot.tolist()
+    for j, (p, i, si, start) in enumerate(plan.units):
+        lp, lg = mem.local_tensor(p), mem.local_tensor(lists["grads"][i])
+        if (
+            lp.dtype != torch.float32
+            or lg.dtype != torch.float32
+            or lp.device.type != "cpu"
+            or lg.device.type != "cpu"
+            or not lp.is_contiguous()
+            or not lg.is_contiguous()
+        ):
+            return None
+        state = plan.states[j]
+        if start < 0:
+            start, numel = 0, lp.numel()
+        else:
+            numel = segments[id(p)][si][1]
+        off = 4 * start
+        slot = mem.local_tensor(state[f"memory_{slots[j]}"]) if modes[j] != mem.MODE_NONE else None
+        ptrs.append(
+            (
+                lp.data_ptr() + off,
+                lg.data_ptr() + off,
+                mem.local_tensor(state["exp_avg"]).data_ptr() + off,
+                mem.local_tensor(state["exp_avg_sq"]).data_ptr() + off,
+                mem.local_tensor(state["max_exp_avg_sq"]).data_ptr() + off if amsgrad else 0,
+                mem.local_tensor(state["memory_sum"]).data_ptr() + off,
+                slot.data_ptr() + start * slot.element_size() if slot is not None else 0,
+            )
+        )
+        numels.append(numel)
+    return ptrs, numels
 
 
 def _state_bytes(state: dict[str, Any]) -> int:
@@ -458,6 +707,7 @@ def _put_memory_back(optimizer: Any) -> None:
     memory, saved_ids = optimizer._pending_memory or ({}, [])
     optimizer._pending_memory = None
     optimizer._ledgers.clear()
+    optimizer._layout_version += 1
     # like torch: the i-th saved id belongs to the i-th parameter in param_groups order
     params = [p for g in optimizer.param_groups for p in g["params"]]
     position = {id(p): saved_ids[i] if i < len(saved_ids) else i for i, p in enumerate(params)}
