@@ -27,6 +27,7 @@ from itertools import chain
 from pathlib import Path
 
 import datasets
+import torch
 import transformers
 from datasets import DatasetDict, load_dataset
 from transformers import (
@@ -234,11 +235,32 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
+def ddp_on_cpu(deepspeed: object) -> bool:
+    """Several processes (``accelerate launch``, torchrun) on a machine without GPU, and no DeepSpeed.
+
+    ``TrainingArguments`` then gives accelerate no backend (``--ddp_backend gloo`` shards the data but syncs
+    no gradients): each process trains alone, takes itself for the main one and writes ``output_dir``.
+    ``use_cpu`` (made the default here; ``--use_cpu false`` overrides) gives DDP over gloo.
+    """
+    return (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and not torch.accelerator.is_available()
+        and not deepspeed
+        and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    )
+
+
 def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 1 and args[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(args[0]))
+        with open(os.path.abspath(args[0]), encoding="utf-8") as fh:
+            values = json.load(fh)
+        if ddp_on_cpu(values.get("deepspeed")):
+            values.setdefault("use_cpu", True)
+        return parser.parse_dict(values)
+    if ddp_on_cpu(any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in args)):
+        parser.set_defaults(use_cpu=True)
     return parser.parse_args_into_dataclasses(args=args)
 
 
@@ -246,6 +268,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Run training and/or evaluation; returns ``{"train": metrics, "eval": metrics}`` (the parts that ran)."""
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
+    logger.warning(  # every process: shows a launch that did not become distributed
+        "Process rank: %d of %d, device: %s, distributed training: %s",
+        training_args.process_index,
+        training_args.world_size,
+        training_args.device,
+        training_args.parallel_mode.value == "distributed",
+    )
     logger.info("Training/evaluation parameters %s", training_args)
     set_seed(training_args.seed)
 
