@@ -171,7 +171,7 @@ def _build_minilm(seed: int, dataset: str):
         ds, num_labels, columns = load_snli_standin(), 3, ("premise", "hypothesis")
 
     def enc(split: str) -> dict[str, torch.Tensor]:
-        texts = [ds[split][c] for c in columns]
+        texts = [list(ds[split][c]) for c in columns]  # datasets>=4 returns a Column
         return tok(*texts, truncation=True, max_length=64, padding="max_length", return_tensors="pt")
 
     n_train, n_eval = 6000, 600
@@ -179,8 +179,8 @@ def _build_minilm(seed: int, dataset: str):
     ds["train"] = ds["train"].select(range(min(n_train, len(ds["train"]))))
     ds["validation"] = ds["validation"].select(range(min(n_eval, len(ds["validation"]))))
     train, val = enc("train"), enc("validation")
-    y_train = torch.tensor(ds["train"]["label"])
-    y_val = torch.tensor(ds["validation"]["label"])
+    y_train = torch.tensor(list(ds["train"]["label"]))
+    y_val = torch.tensor(list(ds["validation"]["label"]))
     torch.manual_seed(seed)  # the classifier head's initialisation and dropout
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     gen = torch.Generator().manual_seed(seed)
@@ -213,6 +213,25 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
         params, lr=lr, weight_decay=0.01, kappa=0.0, fused=True
     ),
 }
+
+
+def code_version() -> str:
+    """HEAD commit plus a digest of the hf_memopt sources as they are on disk (the tree may be dirty)."""
+    import hashlib
+    import subprocess
+
+    root = Path(hf_memopt.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if f.suffix in (".py", ".c") and f.is_file():
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        head = "?"
+    return f"{head}+src:{h.hexdigest()[:12]}"
 
 
 def train_once(task: Task, optimizer: str, lr: float, seed: int, memory: dict[str, Any]) -> dict[str, Any]:
@@ -248,6 +267,7 @@ def train_once(task: Task, optimizer: str, lr: float, seed: int, memory: dict[st
         seconds=time.perf_counter() - t0,
         torch=torch.__version__,
         threads=torch.get_num_threads(),
+        code=code_version(),
     )
 
 
@@ -274,6 +294,17 @@ def done(rows, task, optimizer, lr, seed, memory) -> bool:
     )
 
 
+def _past(stop_at: str | None) -> bool:
+    """Whether the UTC wall clock is past ``stop_at`` (HH:MM, today)."""
+    if not stop_at:
+        return False
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+    hh, mm = (int(x) for x in stop_at.split(":"))
+    return (now.hour, now.minute) >= (hh, mm)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     task = TASKS[args.task]
     rows = load_rows(args.out)
@@ -283,6 +314,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     for optimizer, lr, seed in jobs:
         if done(rows, task.name, optimizer, lr, seed, {}):
             continue
+        if _past(args.stop_at):
+            print(f"--stop-at {args.stop_at} UTC reached: not starting {task.name} {optimizer} lr={lr:g} seed={seed}")
+            return
         row = train_once(task, optimizer, lr, seed, {})
         append(args.out, row)
         print(
@@ -401,10 +435,34 @@ def cmd_report(args: argparse.Namespace) -> None:
             f"| {task.name} | {task.metric} | {_fmt(fa)} | {_fmt(fm)} | {lr_a:g} / {lr_m:g} | {sa} / {sm} | {wins}/{ties}/{losses} | {sanity} |"
         )
     print("\n".join(lines))
-    sens = [r for r in rows if r.get("sensitivity")]
-    if sens:
-        task = TASKS[sens[0]["task"]]
-        print(f"\nSensitivity on {task.name} ({task.metric}) at lr={sens[0]['lr']:g}:\n")
+    print("\nEvery learning rate of the grid (final value, mean ± std over seeds; memopt W/T/L against AdamW, paired by seed):\n")
+    print("| task | lr | AdamW (fused) | memopt_adamw | memopt W/T/L |\n|---|---|---|---|---|")
+    for task in TASKS.values():
+        for lr in task.lrs:
+            a, m = _runs(rows, task, "adamw", lr), _runs(rows, task, "memopt", lr)
+            if not a and not m:
+                continue
+            w = t = lo = 0
+            for ra in a:
+                rm = next((r for r in m if r["seed"] == ra["seed"]), None)
+                if rm is None:
+                    continue
+                diff = (rm["final"] - ra["final"]) * (1 if task.higher_is_better else -1)
+                scale = abs(ra["final"]) if not task.higher_is_better else 1.0
+                if abs(diff) <= args.tie * scale:
+                    t += 1
+                elif diff > 0:
+                    w += 1
+                else:
+                    lo += 1
+            fa, fm = [r["final"] for r in a], [r["final"] for r in m]
+            print(f"| {task.name} | {lr:g} | {_fmt(fa)} | {_fmt(fm)} | {w}/{t}/{lo} |")
+    sens_tasks = list(dict.fromkeys(r["task"] for r in rows if r.get("sensitivity")))
+    for name in sens_tasks:
+        task = TASKS[name]
+        sens = [r for r in rows if r.get("sensitivity") and r["task"] == name]
+        lrs = sorted({r["lr"] for r in sens})
+        print(f"\nSensitivity on {task.name} ({task.metric}) at lr={'/'.join(f'{x:g}' for x in lrs)}:\n")
         print("| topc \\ decay | 0.7 | 0.9 | 0.99 |\n|---|---|---|---|")
         for topc in (5, 10, 20):
             cells = []
@@ -458,6 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     run.add_argument("--lrs", type=float, nargs="+")
     run.add_argument("--optimizers", nargs="+", default=["adamw", "memopt"], choices=["adamw", "memopt"])
+    run.add_argument("--stop-at", help="UTC HH:MM after which no further run is started (the one in flight finishes)")
     sens = sub.add_parser("sensitivity")
     sens.add_argument("--task", choices=sorted(TASKS), default="lm")
     sens.add_argument("--seeds", type=int, nargs="+", default=[0])

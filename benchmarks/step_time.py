@@ -144,12 +144,16 @@ def main(argv: list[str] | None = None) -> None:
                 words,
             )
     ref_label = "fused AdamW" if fused else "AdamW"
-    print(f"| optimizer | ms/step | x {ref_label} (paired) | traffic bound, x | state bytes/param |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        f"| optimizer | ms/step | x {ref_label} (paired) | traffic bound, x | bytes moved/step | GB/s | "
+        "state bytes/param |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        moved = 4 * r["words"] * numel  # what a single pass must read and write, in fp32 words per element
         print(
             f"| {r['optimizer']} | {r['ms']:.2f} | {r['ms'] / r['ref_ms']:.2f} | {r['words'] / 7:.2f} | "
-            f"{r['state_bytes'] / numel:.1f} |"
+            f"{moved / 1e6:.0f} MB | {moved / (r['ms'] * 1e6):.0f} | {r['state_bytes'] / numel:.1f} |"
         )
     if args.json:
         with open(args.json, "w") as f:
