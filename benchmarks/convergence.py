@@ -310,7 +310,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     rows = load_rows(args.out)
     lrs = args.lrs or task.lrs
     jobs = [(o, lr, s) for lr in lrs for s in args.seeds for o in args.optimizers]
-    jobs.append(("memopt_kappa0", lrs[len(lrs) // 2], args.seeds[0]))
+    if not args.lrs:  # the sanity row belongs to the grid
+        jobs.append(("memopt_kappa0", lrs[len(lrs) // 2], args.seeds[0]))
     for optimizer, lr, seed in jobs:
         if done(rows, task.name, optimizer, lr, seed, {}):
             continue
@@ -453,6 +454,15 @@ def cmd_report(args: argparse.Namespace) -> None:
             w, t, lo = _win_tie_loss(rows, task, lr, args.tie)
             fa, fm = [r["final"] for r in a], [r["final"] for r in m]
             print(f"| {task.name} | {lr:g} | {_fmt(fa)} | {_fmt(fm)} | {w}/{t}/{lo} |")
+    extra = sorted(
+        {(r["task"], r["optimizer"], r["lr"]) for r in rows if r["lr"] not in TASKS[r["task"]].lrs and not r["memory"]}
+    )
+    if extra:
+        print("\nOutside the grid (not part of the equal tuning budget; `run --lrs ... --optimizers ...`):\n")
+        print("| task | optimizer | lr | final |\n|---|---|---|---|")
+        for name, optimizer, lr in extra:
+            finals = [r["final"] for r in _runs(rows, TASKS[name], optimizer, lr)]
+            print(f"| {name} | {optimizer} | {lr:g} | {_fmt(finals)} |")
     sens_tasks = list(dict.fromkeys(r["task"] for r in rows if r.get("sensitivity")))
     for name in sens_tasks:
         task = TASKS[name]
