@@ -7,6 +7,7 @@ Run it in pieces (each run appends one JSON line to ``--out``), then report:
     python benchmarks/convergence.py run --task sst2              # MiniLM on the SST-2 stand-in
     python benchmarks/convergence.py run --task snli              # MiniLM on the SNLI subset
     python benchmarks/convergence.py sensitivity --task lm        # topc x decay grid at the best lr
+    python benchmarks/convergence.py stats --task lm --lr 3e-4    # memory_stats() along one memopt run
     python benchmarks/convergence.py report                       # tables (markdown) + one PNG per task
 
 Tasks (all offline; see SPEC section 7 for the data):
@@ -234,7 +235,14 @@ def code_version() -> str:
     return f"{head}+src:{h.hexdigest()[:12]}"
 
 
-def train_once(task: Task, optimizer: str, lr: float, seed: int, memory: dict[str, Any]) -> dict[str, Any]:
+def train_once(
+    task: Task,
+    optimizer: str,
+    lr: float,
+    seed: int,
+    memory: dict[str, Any],
+    on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+) -> dict[str, Any]:
     model, train_step, evaluate = task.build(seed)
     opt = OPTIMIZERS[optimizer](model.parameters(), lr, **memory)
     warmup = max(1, task.steps // 10)
@@ -253,6 +261,8 @@ def train_once(task: Task, optimizer: str, lr: float, seed: int, memory: dict[st
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, opt)
         if step % task.eval_every == 0 or step == task.steps:
             curve.append((step, evaluate()))
     return dict(
@@ -324,6 +334,18 @@ def cmd_run(args: argparse.Namespace) -> None:
             f"{task.name} {optimizer:<14} lr={lr:g} seed={seed}: {task.metric} {row['final']:.4g} ({row['seconds']:.0f} s)",
             flush=True,
         )
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    """One memopt run of a task, printing ``memory_stats()`` every ``--every`` steps (nothing is recorded)."""
+    task = TASKS[args.task]
+
+    def show(step: int, opt: torch.optim.Optimizer) -> None:
+        if step % args.every == 0:
+            stats = opt.memory_stats()
+            print(f"step {step}: " + ", ".join(f"{k} {stats[k]:.3g}" for k in ("admission_rate", "fill", "mean_age")))
+
+    train_once(task, "memopt", args.lr, args.seed, {}, on_step=show)
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -527,6 +549,11 @@ def main(argv: list[str] | None = None) -> None:
     sens.add_argument("--task", choices=sorted(TASKS), default="lm")
     sens.add_argument("--seeds", type=int, nargs="+", default=[0])
     sens.add_argument("--lr", type=float)
+    stats = sub.add_parser("stats", help="memory_stats() along one memopt run")
+    stats.add_argument("--task", choices=sorted(TASKS), default="lm")
+    stats.add_argument("--lr", type=float, required=True)
+    stats.add_argument("--seed", type=int, default=0)
+    stats.add_argument("--every", type=int, default=20)
     rep = sub.add_parser("report")
     rep.add_argument(
         "--tie",
@@ -537,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("--plots", default="docs/convergence", help="folder for the PNGs ('' for none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
-    {"run": cmd_run, "sensitivity": cmd_sensitivity, "report": cmd_report}[args.cmd](args)
+    {"run": cmd_run, "sensitivity": cmd_sensitivity, "stats": cmd_stats, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":
