@@ -25,6 +25,7 @@ memory off, torch's fused kernel) is a sanity row: it must equal ``adamw`` exact
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -216,6 +217,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
+@functools.cache
 def code_version() -> str:
     """HEAD commit plus a digest of the hf_memopt sources as they are on disk (the tree may be dirty)."""
     import hashlib
