@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                          # 23.4M params in 76 GPT-like tensors
     python benchmarks/step_time.py --model gpt2-124m        # GPT-2 small shapes
     python benchmarks/step_time.py --admit rarely           # gradients that the memory rejects
+    python benchmarks/step_time.py --norms --topc 10        # + the norm pass timed alone
 
 Times ``optimizer.step()`` alone (gradients are fixed tensors), median over ``--steps`` steps
 after warm-up, with torch's intra-op threads at ``--threads``. Each row is timed in alternating
@@ -106,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--admit", choices=["always", "rarely"], default="always")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument(
+        "--norms",
+        action="store_true",
+        help="also time the norm pass alone (hf_memopt's fp64 sum of squares of every gradient, CPU kernel)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -143,6 +149,20 @@ def main(argv: list[str] | None = None) -> None:
                 lambda p, c=c, bd=bd: hf_memopt.MemoryAugmentedAdamW(p, lr=1e-3, topc=c, decay=0.7, buffer_dtype=bd),
                 words,
             )
+    if args.norms and load_kernel() is not None:
+        import numpy as np
+
+        from hf_memopt._kernels import sq_norms
+
+        _, grads = make(shapes, device)
+        ptrs, numels = np.array([g.data_ptr() for g in grads]), np.array([g.numel() for g in grads])
+        times = []
+        for _ in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            sq_norms(ptrs, numels, args.threads)
+            times.append(time.perf_counter() - t0)
+        ms = 1e3 * statistics.median(times[args.warmup :])
+        print(f"# norm pass alone: {ms:.2f} ms, {4 * numel / (ms * 1e6):.0f} GB/s read (median of {args.steps})")
     ref_label = "fused AdamW" if fused else "AdamW"
     print(
         f"| optimizer | ms/step | x {ref_label} (paired) | traffic bound, x | bytes moved/step | GB/s | "

@@ -2,6 +2,7 @@
 
     python benchmarks/trainer_throughput.py                      # 30 steps per run, batch 32, length 128
     python benchmarks/trainer_throughput.py --steps 60 --repeats 3
+    python benchmarks/trainer_throughput.py --ballast 11            # + AdamW holding memopt's bytes
 
 all-MiniLM-L6-v2 (22.7M parameters) fine-tuned on the SST-2 stand-in (SPEC section 7), the
 optimizers alternating run by run (A B A B ...) so that drift in the machine's speed hits both.
@@ -48,6 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--optim-args", default="topc=10,decay=0.7")
+    ap.add_argument(
+        "--ballast",
+        type=int,
+        default=0,
+        help="also run AdamW holding this many parameter-sized fp32 tensors per parameter (11 = memopt's "
+        "topc=10 slots + running sum): the same memory without the memory's algorithm",
+    )
     args = ap.parse_args(argv)
 
     path = minilm_model_dir()
@@ -58,13 +66,16 @@ def main(argv: list[str] | None = None) -> None:
         batched=True,
         remove_columns=["sentence", "idx", "rating"],
     )
-    results: dict[str, list[float]] = {"adamw_torch_fused": [], "memopt_adamw": []}
-    first: dict[str, list[float]] = {k: [] for k in results}
-    steady: dict[str, list[float]] = {k: [] for k in results}
+    # label -> (optim, ballast tensors per parameter)
+    configs = {"adamw_torch_fused": ("adamw_torch_fused", 0), "memopt_adamw": ("memopt_adamw", 0)}
+    if args.ballast:
+        configs[f"adamw_torch_fused + {args.ballast} tensors/param"] = ("adamw_torch_fused", args.ballast)
+    runs: dict[str, list[tuple[float, float, float]]] = {label: [] for label in configs}  # samples/s, first, steady
     for _ in range(args.repeats):
-        for optim in results:
+        for label, (optim, ballast) in configs.items():
             torch.manual_seed(0)
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+            held = [torch.zeros_like(p) for p in model.parameters() for _ in range(ballast)]
             clock = StepClock()
             with tempfile.TemporaryDirectory() as out:
                 targs = TrainingArguments(
@@ -82,27 +93,21 @@ def main(argv: list[str] | None = None) -> None:
                     dataloader_num_workers=0,
                 )
                 metrics = Trainer(model=model, args=targs, train_dataset=ds, callbacks=[clock]).train().metrics
-            results[optim].append(metrics["train_samples_per_second"])
-            first[optim].append(clock.seconds[0])
-            steady[optim].append(statistics.median(clock.seconds[1:]))
+            del held
+            run = (metrics["train_samples_per_second"], clock.seconds[0], statistics.median(clock.seconds[1:]))
+            runs[label].append(run)
             print(
-                f"  {optim:<18} {metrics['train_samples_per_second']:.2f} samples/s; first step {clock.seconds[0]:.2f} s, "
-                f"then {steady[optim][-1]:.3f} s/step",
-                flush=True,
+                f"  {label:<18} {run[0]:.2f} samples/s; first step {run[1]:.2f} s, then {run[2]:.3f} s/step", flush=True
             )
-    base = statistics.median(results["adamw_torch_fused"])
-    base_step = statistics.median(steady["adamw_torch_fused"])
+    med = {label: [statistics.median(column) for column in zip(*values)] for label, values in runs.items()}
+    base = med["adamw_torch_fused"]
     print(f"\nMiniLM, batch {args.batch} x {args.length} tokens, {args.steps} steps, {torch.get_num_threads()} threads")
     print(
         "| optim | samples/s (median) | relative | first step (s) | steady s/step (median) | relative |\n"
         "|---|---:|---:|---:|---:|---:|"
     )
-    for optim, values in results.items():
-        med, step = statistics.median(values), statistics.median(steady[optim])
-        print(
-            f"| {optim} | {med:.2f} | {med / base:.3f} | {statistics.median(first[optim]):.2f} | {step:.3f} | "
-            f"{step / base_step:.3f} |"
-        )
+    for label, (rate, first, step) in med.items():
+        print(f"| {label} | {rate:.2f} | {rate / base[0]:.3f} | {first:.2f} | {step:.3f} | {step / base[2]:.3f} |")
 
 
 if __name__ == "__main__":
