@@ -149,7 +149,11 @@ def main(argv: list[str] | None = None) -> None:
                 lambda p, c=c, bd=bd: hf_memopt.MemoryAugmentedAdamW(p, lr=1e-3, topc=c, decay=0.7, buffer_dtype=bd),
                 words,
             )
-    if args.norms and load_kernel() is not None:
+    if args.norms and load_kernel() is None:
+        print(
+            "# --norms: the CPU kernel is off (HF_MEMOPT_KERNELS=0 or no C compiler), so there is no norm pass to time"
+        )
+    elif args.norms:
         import numpy as np
 
         from hf_memopt._kernels import sq_norms
