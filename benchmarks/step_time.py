@@ -4,6 +4,7 @@
     python benchmarks/step_time.py --model gpt2-124m        # GPT-2 small shapes
     python benchmarks/step_time.py --admit rarely           # gradients that the memory rejects
     python benchmarks/step_time.py --norms --topc 10        # + the norm pass timed alone
+    python benchmarks/step_time.py --key tensor             # one priority per tensor (default: per group)
 
 Times ``optimizer.step()`` alone (gradients are fixed tensors), median over ``--steps`` steps
 after warm-up, with torch's intra-op threads at ``--threads``. Each row is timed in alternating
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--admit", choices=["always", "rarely"], default="always")
+    ap.add_argument("--key", choices=["group", "tensor"], default="group", help="hf_memopt's priority key")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument(
         "--norms",
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     numel = sum(torch.Size(s).numel() for s in shapes)
     print(
         f"# {args.model}: {numel / 1e6:.2f}M params in {len(shapes)} tensors; device {device}; "
-        f"{args.threads} threads; torch {torch.__version__}; admit={args.admit}; "
+        f"{args.threads} threads; torch {torch.__version__}; admit={args.admit}; key={args.key}; "
         f"CPU kernel {'on' if load_kernel() is not None else 'off'}",
         flush=True,
     )
@@ -146,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         for c in args.topc:
             run(
                 f"memopt_adamw topc={c} {bd}",
-                lambda p, c=c, bd=bd: hf_memopt.MemoryAugmentedAdamW(p, lr=1e-3, topc=c, decay=0.7, buffer_dtype=bd),
+                lambda p, c=c, bd=bd: hf_memopt.MemoryAugmentedAdamW(
+                    p, lr=1e-3, topc=c, decay=0.7, buffer_dtype=bd, key=args.key
+                ),
                 words,
             )
     if args.norms and load_kernel() is None:
