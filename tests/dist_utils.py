@@ -3,8 +3,9 @@
 ``run(fn, world_size, *args)`` starts ``world_size`` processes (``torch.multiprocessing``
 spawn), initialises a gloo process group on 127.0.0.1 and a free port in each, calls
 ``fn(rank, world_size, *args)`` (a module-level function, so spawn can import it), then
-``barrier()`` and ``destroy_process_group()``. Each rank's return value comes back through
-a ``torch.save``d file; a rank's exception fails the call with that rank's traceback.
+``barrier()`` and ``destroy_process_group()``, and exits at once (``os._exit``). Each rank's
+return value comes back through a ``torch.save``d file; a rank's exception fails the call with
+that rank's traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -54,6 +56,12 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable[...
             dist.barrier()
         finally:
             dist.destroy_process_group()
+    # The rank's work is done and its result written. Leave without the interpreter's shutdown: with
+    # torch 2.13, a gloo worker thread may still have to drop a collective issued inside backward,
+    # which takes the GIL, and doing so during shutdown aborts the process (see docs/distributed.md).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S) -> list[Any]:
