@@ -21,6 +21,14 @@ enum { F_COEF_G, F_COEF_S, F_LR, F_WD, F_BETA1, F_BETA2, F_EPS, F_STEP_SIZE, F_B
 enum { MODE_NONE = 0, MODE_FILL = 1, MODE_EVICT = 2 };
 
 #define CHUNK 16384
+/* Chunks a thread takes per atomic fetch (fewer when that would leave under four runs per thread).
+ * When two cores take alternate 64 KB chunks, each core's streams restart every chunk and a read-only
+ * pass such as the norms falls well short of the machine's bandwidth; runs of 4 MB for the norm pass and
+ * 1 MB for the update made the two-thread step 2-15% faster on a 2-core EPYC (docs/benchmarks.md, "How
+ * the kernel splits work between threads"). Much longer update runs lose again: each core then streams
+ * eleven arrays of its own. */
+#define NORM_GRAB 64
+#define UPDATE_GRAB 16
 
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -48,7 +56,8 @@ struct job {
     const double *floats;  /* [n_units, N_FLOATS] */
     const int64_t *chunk_unit, *chunk_start, *chunk_end;
     int64_t n_chunks;
-    int64_t next;     /* atomic work counter */
+    int64_t next;     /* atomic work counter, in grabs */
+    int64_t grab;     /* consecutive chunks a thread takes at a time */
     double *partials; /* [n_chunks] per-chunk results of the norm pass */
 };
 
@@ -168,17 +177,19 @@ static void sq_chunk(const job_t *job, int64_t c) {
 static void *worker(void *arg) {
     job_t *job = (job_t *)arg;
     for (;;) {
-        int64_t c = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
-        if (c >= job->n_chunks) break;
-        job->fn(job, c);
+        const int64_t c0 = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED) * job->grab;
+        if (c0 >= job->n_chunks) break;
+        const int64_t c1 = c0 + job->grab < job->n_chunks ? c0 + job->grab : job->n_chunks;
+        for (int64_t c = c0; c < c1; ++c) job->fn(job, c);
     }
     return NULL;
 }
 
 /* Splits every unit into chunks of CHUNK elements and runs fn over them on n_threads threads (the
- * caller's included) that take chunks from an atomic counter: a busy core delays its own chunks, not a
- * fixed share of the work. With partials, fills it with one value per chunk. */
-static int run_parallel(job_t *job, const int64_t *numels, int n_threads, double **partials) {
+ * caller's included) that take runs of up to max_grab consecutive chunks from an atomic counter: a busy
+ * core delays its own runs, not a fixed share of the work. With partials, fills it with one value per
+ * chunk; which thread ran a chunk never changes its value. */
+static int run_parallel(job_t *job, const int64_t *numels, int n_threads, double **partials, int64_t max_grab) {
     int64_t n_chunks = 0;
     for (int64_t u = 0; u < job->n_units; ++u) n_chunks += (numels[u] + CHUNK - 1) / CHUNK;
     if (n_chunks == 0) return 0;
@@ -206,7 +217,13 @@ static int run_parallel(job_t *job, const int64_t *numels, int n_threads, double
             ++c;
         }
     if (n_threads > 64) n_threads = 64;
-    if ((int64_t)n_threads > n_chunks) n_threads = (int)n_chunks;
+    if (n_threads < 1) n_threads = 1;
+    /* long runs, but at least four per thread so that the cores still even out */
+    job->grab = n_chunks / (4 * (int64_t)n_threads);
+    if (job->grab > max_grab) job->grab = max_grab;
+    if (job->grab < 1) job->grab = 1;
+    const int64_t n_grabs = (n_chunks + job->grab - 1) / job->grab;
+    if ((int64_t)n_threads > n_grabs) n_threads = (int)n_grabs;
     pthread_t threads[64];
     int started = 0;
     for (int t = 1; t < n_threads; ++t)
@@ -220,17 +237,17 @@ static int run_parallel(job_t *job, const int64_t *numels, int n_threads, double
 /* Returns 0 on success, -1 when memory for the chunk table cannot be had. */
 int memopt_adam_step(int64_t n_units, const int64_t *ptrs, const int64_t *ints, const double *floats,
                      const int64_t *numels, int n_threads) {
-    job_t job = {run_chunk, n_units, ptrs, ints, floats, NULL, NULL, NULL, 0, 0, NULL};
-    return run_parallel(&job, numels, n_threads, NULL);
+    job_t job = {run_chunk, n_units, ptrs, ints, floats, NULL, NULL, NULL, 0, 0, 0, NULL};
+    return run_parallel(&job, numels, n_threads, NULL, UPDATE_GRAB);
 }
 
 /* out[u] = sum of squares (fp64) of the numels[u] fp32 values at ptrs[u]; chunks summed in order.
  * Returns 0 on success, -1 when memory for the work tables cannot be had. */
 int memopt_sq_norms(int64_t n_units, const int64_t *ptrs, const int64_t *numels, double *out, int n_threads) {
-    job_t job = {sq_chunk, n_units, ptrs, NULL, NULL, NULL, NULL, NULL, 0, 0, NULL};
+    job_t job = {sq_chunk, n_units, ptrs, NULL, NULL, NULL, NULL, NULL, 0, 0, 0, NULL};
     double *partials = NULL;
     for (int64_t u = 0; u < n_units; ++u) out[u] = 0.0;
-    if (run_parallel(&job, numels, n_threads, &partials) != 0) return -1;
+    if (run_parallel(&job, numels, n_threads, &partials, NORM_GRAB) != 0) return -1;
     if (!partials) return 0;
     int64_t c = 0;
     for (int64_t u = 0; u < n_units; ++u)
