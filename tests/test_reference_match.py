@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 from reference import ReferenceOptimizer
-from streams import clone_params, gradient_stream, make_params, set_grads
+from streams import SHAPES, clone_params, gradient_stream, make_params, set_grads
 
 import hf_memopt
 
@@ -20,15 +20,17 @@ HYPER = [(1.0, 3, 0.7), (0.5, 1, 1.0), (2.0, 4, 0.5), (1.0, 2, 0.99)]
 STEPS = 14
 
 
-def run_pair(name, base_kwargs, memory_kwargs, impl_kwargs=None, steps=STEPS, dtype=torch.float32, setup=None):
-    params = make_params(dtype)
+def run_pair(
+    name, base_kwargs, memory_kwargs, impl_kwargs=None, steps=STEPS, dtype=torch.float32, setup=None, shapes=SHAPES
+):
+    params = make_params(dtype, shapes=shapes)
     ref_params = clone_params(params)
     opt = getattr(hf_memopt, name)(params, **base_kwargs, **memory_kwargs, **(impl_kwargs or {}))
     if setup is not None:
         setup(opt)
     ref = ReferenceOptimizer(name, ref_params, **memory_kwargs, **base_kwargs)
     peak = [0.0] * len(params)
-    for grads in gradient_stream(steps, dtype):
+    for grads in gradient_stream(steps, dtype, shapes=shapes):
         peak = [max(m, g.abs().max().item()) if g is not None else m for m, g in zip(peak, grads)]
         set_grads(params, grads)
         set_grads(ref_params, grads)
@@ -149,37 +151,23 @@ def test_kernel_is_exact_at_every_thread_count():
     if load() is None:
         pytest.skip("no C compiler: the eager path is the only one here")
     shapes = [(1_000_003,), (611, 491), (17,), (300_001,)]  # not multiples of the 16384-element chunk
-    gen = torch.Generator().manual_seed(5)
-    start = [torch.randn(s, generator=gen) for s in shapes]
-    steps = [[torch.randn(s, generator=gen) * 10 ** (2 * t % 5 - 2) for s in shapes] for t in range(5)]
     memory = dict(topc=2, decay=0.9, kappa=1.0, aggregation="mean", key="group", buffer_dtype=None)
     previous = torch.get_num_threads()
     runs = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            params = [p.clone().requires_grad_() for p in start]
-            opt = hf_memopt.MemoryAugmentedAdamW(params, lr=1e-2, **memory)
-            for grads in steps:
-                set_grads(params, grads)
-                opt.step()
-            runs.append((params, opt))
+            runs.append(run_pair("MemoryAugmentedAdamW", dict(lr=1e-2), memory, steps=6, shapes=shapes))
     finally:
         torch.set_num_threads(previous)
-    ref_params = [p.clone().requires_grad_() for p in start]
-    ref = ReferenceOptimizer("MemoryAugmentedAdamW", ref_params, lr=1e-2, **memory)
-    for grads in steps:
-        set_grads(ref_params, grads)
-        ref.step()
-    (params1, opt1), *others = runs
-    for params, opt in others:
+    opt1, ref, params1, ref_params = runs[0]
+    for opt, _, params, _ in runs[1:]:
         for p, q in zip(params, params1):
             assert torch.equal(p, q)
             for key, value in opt.state[p].items():
                 torch.testing.assert_close(value, opt1.state[q][key], rtol=0, atol=0)
     for p, q in zip(params1, ref_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    opt1.peak = [max(g.abs().max().item() for g in column) for column in zip(*steps)]
     # the reference's fp32 norms of a million elements carry ~1e-6 relative error; the kernel sums in fp64
     assert_memory_equal(opt1, ref, params1, memory["topc"], priority_rel=3e-5)
     assert sum(int(opt1.state[p]["memory_count"]) for p in params1) == len(shapes) * memory["topc"]
