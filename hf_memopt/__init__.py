@@ -27,8 +27,27 @@ __all__ = [
     "estimate_memory",
 ]
 
-# Last, once the optimizers exist: register optim="memopt_*" with transformers if it is
-# installed (HF_MEMOPT_SKIP_TRANSFORMERS=1 skips it). Importable without transformers.
-from .integrations import register_transformers_if_available as _register_transformers  # noqa: E402
+# Last, once the optimizers exist: register optim="memopt_*" with transformers when (and if)
+# transformers loads its training arguments -- an import hook, so a pure-PyTorch user never
+# imports transformers (HF_MEMOPT_SKIP_TRANSFORMERS=1 skips it; see hf_memopt.integrations).
+from .integrations import install_transformers_hook as _install_transformers_hook  # noqa: E402
 
-_register_transformers()
+_install_transformers_hook()
+
+#: Names resolved on first access (PEP 562), so that ``import hf_memopt`` does not import
+#: transformers: ``from hf_memopt import MemOptTrainer`` imports it then.
+_LAZY = {"MemOptTrainer": "trainer"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -20,6 +20,13 @@ places, all checked first (:func:`check_transformers_internals`):
    optimizer as soon as the arguments exist, i.e. before any model is loaded, and to
    write the resolved ``optim_args`` back (shown in ``to_dict()``, logs and model cards).
 
+Items 1 and 4 (and the ``--optim_args`` help listing the memopt keys) need only
+``transformers.training_args`` (:func:`register_training_args`); items 2 and 3 need
+``transformers.trainer`` (:func:`register_trainer`). ``import hf_memopt`` imports neither:
+it installs an import hook (:mod:`hf_memopt.integrations`) that runs each part right after
+transformers loads the module it touches, so a pure-PyTorch user never pays for
+transformers. :func:`register` does both at once.
+
 Everything is idempotent: calling :func:`register` again, or re-importing this module,
 changes nothing.
 """
@@ -30,6 +37,7 @@ import dataclasses
 import functools
 import inspect
 import threading
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -51,8 +59,10 @@ _MAX_VERSION_EXCLUSIVE = (6, 0)
 LIBRARY_TAG = "hf_memopt"
 
 _MARK = "_hf_memopt_wrapper"
+_HELP_MARK = "For optim=memopt_* (hf_memopt)"
 _lock = threading.RLock()
-_registered = False
+_training_args_done = False
+_trainer_done = False
 
 
 class TransformersCompatibilityError(RuntimeError):
@@ -145,7 +155,7 @@ def load_optimizer_name(value: str) -> Any:
 
     Pickles name this function, so unpickling imports ``hf_memopt`` (which registers).
     """
-    register()
+    register_training_args()
     from transformers.training_args import OptimizerNames
 
     return OptimizerNames(value)
@@ -170,28 +180,36 @@ def check_transformers_internals() -> None:
         from transformers.training_args import OptimizerNames
     except ImportError as err:
         raise _incompatible(f"importing Trainer/TrainingArguments/OptimizerNames failed ({err})") from err
+    _check_training_args_internals(OptimizerNames, TrainingArguments)
+    _check_trainer_internals(Trainer)
 
+
+def _check_training_args_internals(optimizer_names: Any, training_arguments: Any) -> None:
+    """The checks that need only ``transformers.training_args``."""
     try:
-        check_extensible(OptimizerNames)
+        check_extensible(optimizer_names)
     except EnumExtensionError as err:
         raise _incompatible(f"OptimizerNames can no longer be extended ({err})") from err
-    if not issubclass(OptimizerNames, str):
+    if not issubclass(optimizer_names, str):
         raise _incompatible("OptimizerNames is no longer a str enum")
 
-    if "optim" not in {f.name for f in dataclasses.fields(TrainingArguments)}:
+    if "optim" not in {f.name for f in dataclasses.fields(training_arguments)}:
         raise _incompatible("TrainingArguments has no 'optim' field")
     for method in ("__post_init__", "set_optimizer"):
-        if not callable(getattr(TrainingArguments, method, None)):
+        if not callable(getattr(training_arguments, method, None)):
             raise _incompatible(f"TrainingArguments.{method} is missing")
 
-    static = inspect.getattr_static(Trainer, "get_optimizer_cls_and_kwargs", None)
+
+def _check_trainer_internals(trainer_cls: Any) -> None:
+    """The checks of ``transformers.trainer`` (and ``trainer_optimizer``, 5.2+)."""
+    static = inspect.getattr_static(trainer_cls, "get_optimizer_cls_and_kwargs", None)
     if not isinstance(static, staticmethod):
         raise _incompatible("Trainer.get_optimizer_cls_and_kwargs is no longer a static method")
-    create_optimizer = Trainer.create_optimizer
+    create_optimizer = trainer_cls.create_optimizer
     create_source = None
     # Only transformers' own method is checked: a library that patched it (its source need
     # not mention the name) is not a transformers change. No source shipped: cannot check.
-    if getattr(create_optimizer, "__module__", None) == Trainer.__module__:
+    if getattr(create_optimizer, "__module__", None) == trainer_cls.__module__:
         try:
             create_source = inspect.getsource(create_optimizer)
         except (OSError, TypeError):
@@ -282,45 +300,110 @@ def _check_version() -> None:
         )
 
 
-def register() -> None:
-    """Register ``memopt_adamw``, ``memopt_adam``, ``memopt_sgd`` and ``memopt_rmsprop``.
+def _optim_args_help(original: str) -> str:
+    """``--optim_args`` help: transformers' text plus the keys of every ``memopt_*`` optimizer."""
+    lines = [original.rstrip(), "For optim=memopt_* (hf_memopt), comma-separated key=value pairs, checked strictly:"]
+    common = None
+    for name in MEMOPT_NAMES:
+        keys = list(SPECS[name].options)
+        common = keys if common is None else [k for k in common if k in keys]
+    assert common is not None
+    lines.append("all of them: " + ", ".join(common) + ";")
+    for name in MEMOPT_NAMES:
+        extra = [k for k in SPECS[name].options if k not in common]
+        if extra:
+            lines.append(f"{name} also: " + ", ".join(extra) + ";")
+    lines.append(
+        'e.g. "topc=5,decay=0.9,buffer_dtype=bf16". lr, betas, eps and weight_decay come from their own flags.'
+    )
+    return " ".join(lines)
 
-    Called by ``import hf_memopt`` when transformers is installed; idempotent.
-    Raises :class:`TransformersCompatibilityError` (naming the installed version) if the
-    transformers internals this relies on have changed.
-    """
-    global _registered
-    with _lock:
-        if _registered:
+
+def _extend_optim_args_help(training_arguments: Any) -> None:
+    """Make ``HfArgumentParser``'s ``--optim_args`` help list the memopt keys (idempotent)."""
+    for f in dataclasses.fields(training_arguments):
+        if f.name == "optim_args":
+            help_text = str(f.metadata.get("help", ""))
+            if _HELP_MARK not in help_text:
+                f.metadata = types.MappingProxyType({**f.metadata, "help": _optim_args_help(help_text)})
             return
-        check_transformers_internals()
+
+
+def register_training_args(training_args_module: Any = None) -> None:
+    """Register the names with ``transformers.training_args`` (the enum and ``TrainingArguments``).
+
+    This part is all that ``TrainingArguments(optim="memopt_adamw")`` and ``HfArgumentParser``
+    need; it imports nothing beyond ``transformers.training_args``. Idempotent; raises
+    :class:`TransformersCompatibilityError` (naming the installed version) if an internal changed.
+    """
+    global _training_args_done
+    with _lock:
+        if _training_args_done:
+            return
+        if training_args_module is None:
+            from transformers import training_args as training_args_module
+        optimizer_names = getattr(training_args_module, "OptimizerNames", None)
+        training_arguments = getattr(training_args_module, "TrainingArguments", None)
+        if optimizer_names is None or training_arguments is None:
+            raise _incompatible("transformers.training_args has no OptimizerNames/TrainingArguments")
+        _check_training_args_internals(optimizer_names, training_arguments)
         _check_version()
-
-        from transformers import Trainer, TrainingArguments
-        from transformers.training_args import OptimizerNames
-
-        members = []
         for name in MEMOPT_NAMES:
             spec = SPECS[name]
             reduce_ex = functools.partial(_reduce_optimizer_name, name)
             try:
-                members.append(extend_enum(OptimizerNames, spec.member_name, name, reduce_ex))
+                extend_enum(optimizer_names, spec.member_name, name, reduce_ex)
             except EnumExtensionError as err:
                 raise _incompatible(str(err)) from err
+        _wrap_training_args(training_arguments)
+        _extend_optim_args_help(training_arguments)
+        _training_args_done = True
 
-        _wrap_get_optimizer_cls_and_kwargs(Trainer)
+
+def register_trainer(trainer_module: Any = None) -> None:
+    """Register the dispatch with ``transformers.trainer`` (and ``trainer_optimizer``, 5.2+).
+
+    Registers the ``training_args`` part first if that has not happened. Idempotent; raises
+    :class:`TransformersCompatibilityError` if an internal changed.
+    """
+    global _trainer_done
+    with _lock:
+        if _trainer_done:
+            return
+        register_training_args()
+        if trainer_module is None:
+            from transformers import trainer as trainer_module
+        trainer_cls = getattr(trainer_module, "Trainer", None)
+        if trainer_cls is None:
+            raise _incompatible("transformers.trainer has no Trainer")
+        _check_trainer_internals(trainer_cls)
+        from transformers.training_args import OptimizerNames
+
+        _wrap_get_optimizer_cls_and_kwargs(trainer_cls)
         table_module = _trainer_optimizer_module()
         table = getattr(table_module, "_OPTIMIZER_HANDLERS", None) if table_module is not None else None
         if table is not None:
-            for member in members:
-                table[member] = _table_handler
-        _wrap_training_args(TrainingArguments)
-        _registered = True
+            for name in MEMOPT_NAMES:
+                table[OptimizerNames(name)] = _table_handler
+        _trainer_done = True
+
+
+def register() -> None:
+    """Register ``memopt_adamw``, ``memopt_adam``, ``memopt_sgd`` and ``memopt_rmsprop`` now.
+
+    Imports ``transformers.trainer``. ``import hf_memopt`` does not call this: it installs an
+    import hook (:mod:`hf_memopt.integrations`) that runs :func:`register_training_args` and
+    :func:`register_trainer` when transformers loads those modules. Idempotent. Raises
+    :class:`TransformersCompatibilityError` (naming the installed version) if the
+    transformers internals this relies on have changed.
+    """
+    register_training_args()
+    register_trainer()
 
 
 def is_registered() -> bool:
-    """True once :func:`register` has completed in this process."""
-    return _registered
+    """True once both parts (``training_args`` and ``trainer``) are registered in this process."""
+    return _training_args_done and _trainer_done
 
 
 __all__ = [
@@ -333,5 +416,7 @@ __all__ = [
     "is_registered",
     "load_optimizer_name",
     "register",
+    "register_trainer",
+    "register_training_args",
     "validate_training_args",
 ]
