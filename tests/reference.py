@@ -56,7 +56,8 @@ class ReferenceOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         grads = [p.grad for p in self.params]
-        norms = [torch.linalg.vector_norm(g.float()) if g is not None else None for g in grads]
+        # SPEC 1.3: reduced in fp64, rounded to fp32 (the priorities' dtype) before any test
+        norms = [torch.linalg.vector_norm(g.double()) if g is not None else None for g in grads]
         if self.key == "group":
             group_k = (
                 torch.stack([n for n in norms if n is not None]).sum() if any(n is not None for n in norms) else None
@@ -82,8 +83,9 @@ class ReferenceOptimizer:
             aggregated.append(a.to(g.dtype))
             if self.kappa > 0:
                 k = (group_k if self.key == "group" else norms[i]).float()
-                if math.isfinite(k.item()):
-                    stored = g.to(self.buffer_dtype or g.dtype).clone()
+                stored = g.to(self.buffer_dtype or g.dtype).clone()
+                # a non-finite priority, or a g not finite in the buffer dtype, is never stored
+                if math.isfinite(k.item()) and bool(torch.isfinite(stored).all()):
                     if n < self.topc:
                         mem.slots.append(_Slot(stored, k.clone()))
                     else:

@@ -79,7 +79,7 @@ def _pass_through_reducer(opt):
 IMPLS = {
     "kernel": ({}, None),
     "kernel, host decisions": ({}, _pass_through_reducer),
-    "eager": ({}, lambda opt: setattr(opt, "_kernel_eligible", lambda group, cfg: False)),
+    "torch executor": (dict(executor="torch"), None),
     "for-loop": (dict(foreach=False), None),
     "foreach": (dict(foreach=True), None),
     "fused": (dict(fused=True), None),
@@ -100,7 +100,7 @@ def test_every_implementation_matches_reference(name, impl, buffer_dtype):
 
 
 def test_kernel_path_is_taken_by_default(monkeypatch):
-    import hf_memopt._kernels as kernels
+    import hf_memopt.engine.executors.cpu_kernel as kernels
 
     if kernels.load() is None:
         pytest.skip("no C compiler: the eager path is the only one here")
@@ -129,7 +129,7 @@ def test_low_precision_params_match_reference(dtype):
 
 def test_long_run_crosses_the_exact_refresh():
     """Past REFRESH_INTERVAL steps the running sum is recomputed from the slots; still equal."""
-    from hf_memopt.memory import REFRESH_INTERVAL
+    from hf_memopt.engine.rule import REFRESH_INTERVAL
 
     memory = dict(topc=4, decay=0.9, kappa=1.0, aggregation="sum", key="tensor", buffer_dtype=torch.bfloat16)
     opt, ref, params, ref_params = run_pair("MemoryAugmentedAdamW", dict(lr=1e-3), memory, steps=REFRESH_INTERVAL + 5)
@@ -146,7 +146,7 @@ def test_grid_is_covered():
 def test_kernel_is_exact_at_every_thread_count():
     """Tensors of many kernel chunks, split across 1, 2 and 3 threads: the same priorities, memory and
     parameters bit for bit (decisions must not depend on the machine), and all equal to the reference."""
-    from hf_memopt._kernels import load
+    from hf_memopt.engine.executors.cpu_kernel import load
 
     if load() is None:
         pytest.skip("no C compiler: the eager path is the only one here")

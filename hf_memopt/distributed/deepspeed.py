@@ -206,7 +206,7 @@ class DeepSpeedLayout(Layout):
             if step is not None and clock is not None and float(step) > 0 and int(clock.max()) == 0:
                 lost += 1
         if lost:
-            from ..memory import warn_missing_memory
+            from ..engine.state import warn_missing_memory
 
             warn_missing_memory(lost)
 
@@ -283,7 +283,7 @@ def strip_memory(checkpoint_dir: str | os.PathLike[str], output_dir: str | os.Pa
 
     import torch
 
-    from ..memory import is_memory_key
+    from ..engine.state import is_memory_key
 
     src, dst = Path(checkpoint_dir), Path(output_dir)
     dst.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,15 @@ sharded by parameter), but DDP has already all-reduced every gradient to every r
 tensor's norm is exact locally, and ``key="tensor"`` needs nothing. ``key="group"`` needs the
 sum over the *whole* group, most of which this rank does not optimize: it is computed from
 the replicated gradients of all the group's parameters, again without any collective.
+
+The inner optimizer cannot tell from its parameters that a ``ZeroRedundancyOptimizer`` holds it
+(they are whole tensors, as under DDP), so ``key="group"`` needs the explicit
+:func:`attach`; ``key="tensor"`` works without it.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -16,9 +21,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from .. import memory as mem
-from ._owner import calling_wrapper
+from ..engine.norms import local_sq_norms
 from .reducer import Layout, ShardedNormReducer, TensorMap, Unit
+
+logger = logging.getLogger("hf_memopt.distributed")
 
 
 def is_zero(owner: Any) -> bool:
@@ -26,11 +32,6 @@ def is_zero(owner: Any) -> bool:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     return isinstance(owner, ZeroRedundancyOptimizer)
-
-
-def find_zero(optimizer: Any) -> Any | None:
-    """The ZeroRedundancyOptimizer whose ``step()`` is running ``optimizer``'s, if any."""
-    return calling_wrapper(optimizer, is_zero)
 
 
 class ZeroLayout(Layout):
@@ -61,13 +62,35 @@ class ZeroLayout(Layout):
         with_grad = [t for t, (_gi, p) in enumerate(everything) if p.grad is not None]
         full = local_sq.new_zeros(tmap.n_tensors)
         if with_grad:
-            sq = mem.batched_sq_norms([everything[t][1].grad for t in with_grad]).to(full.device)
+            sq = local_sq_norms([everything[t][1].grad for t in with_grad])[0].to(full.device)
             full[np.array(with_grad)] = sq
         return full
 
 
 def attach(zero: Any, check: bool = False) -> ShardedNormReducer:
-    """Give the inner optimizer of ``zero`` exact group priorities (automatic at the first step)."""
-    reducer = ShardedNormReducer(zero.optim, ZeroLayout(zero), check=check)
-    zero.optim.norm_reducer = reducer
+    """Give the inner optimizer of ``zero`` (a ``ZeroRedundancyOptimizer``) exact group priorities.
+
+    Needed for ``key="group"`` (the sum over the whole group, most of which other ranks
+    optimize); harmless for ``key="tensor"``. Call after building ``zero``, before its first
+    step. ``check``: also run the rank-consistency check every step. Returns the reducer.
+    """
+    if not is_zero(zero):
+        raise TypeError(
+            "hf_memopt.distributed.zero.attach needs a torch.distributed.optim.ZeroRedundancyOptimizer, "
+            f"got {type(zero).__name__}"
+        )
+    inner = zero.optim
+    if not hasattr(inner, "bind_segments"):
+        raise TypeError(
+            f"hf_memopt.distributed.zero.attach: the ZeroRedundancyOptimizer's optimizer_class is "
+            f"{type(inner).__name__}, not a hf_memopt memory-augmented optimizer"
+        )
+    reducer = ShardedNormReducer(inner, ZeroLayout(zero), check=check)
+    inner.norm_reducer = reducer
+    logger.info(
+        "%s: attached to a ZeroRedundancyOptimizer (%d tensors over all ranks): group sums from the replicated "
+        "gradients, no collective",
+        type(inner).__name__,
+        sum(len(g["params"]) for g in zero.param_groups),
+    )
     return reducer

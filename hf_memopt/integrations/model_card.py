@@ -123,7 +123,7 @@ def state_bytes(optimizer: Any) -> tuple[int, int, int]:
     counters would be reset by the call). 0-dim tensors (step counts, priorities) are left
     out as negligible, as ``memory_stats()`` does.
     """
-    from ..memory import is_memory_key
+    from ..engine.state import is_memory_key
 
     total = memory = 0
     for state in optimizer.state.values():

@@ -5,41 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.optim.adam import adam as _adam
 
 from ..config import MemoryConfig
-from .base import Lists, MemoryAugmentedOptimizer
-
-_ADAM_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+from .base import MemoryAugmentedOptimizer
+from .updates import ADAM
 
 
 class _AdamUpdate(MemoryAugmentedOptimizer):
-    _list_names = _ADAM_LISTS
-    _has_cpu_kernel = True
-
-    def _update(self, group: dict[str, Any], lists: Lists, extra: Any) -> None:
-        beta1, beta2 = group["betas"]
-        _adam(
-            lists["params"],
-            lists["grads"],
-            lists["exp_avgs"],
-            lists["exp_avg_sqs"],
-            lists["max_exp_avg_sqs"],
-            lists["state_steps"],
-            amsgrad=group["amsgrad"],
-            has_complex=extra,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-            capturable=group["capturable"],
-            differentiable=group["differentiable"],
-            fused=group["fused"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-        )
+    _base_update = ADAM
 
 
 class MemoryAugmentedAdamW(_AdamUpdate, torch.optim.AdamW):
@@ -56,10 +29,16 @@ class MemoryAugmentedAdamW(_AdamUpdate, torch.optim.AdamW):
             norms) or ``"tensor"`` (each tensor's own gradient norm).
         buffer_dtype: dtype of the stored gradients: None (the parameter's), bf16, fp16 or fp32.
 
-    With ``fused=None`` and ``foreach=None`` (the defaults), fp32 CPU parameters take a
-    single-pass kernel that does aggregation, admission and the AdamW update together;
-    ``fused=True`` / ``foreach=True`` / ``foreach=False`` run torch's fused, foreach or
-    for-loop AdamW on the aggregated gradient instead.
+        executor: which implementation runs the step (not saved in checkpoints): ``"auto"``
+            (default) picks ``"cpu"``, a single-pass C kernel doing aggregation, admission and the
+            AdamW update together, for fp32 CPU tensors with ``fused=None`` and ``foreach=None``,
+            and ``"torch"`` (multi-tensor torch ops, any device) otherwise; ``"torch"`` or ``"cpu"``
+            force one (``ValueError`` if it cannot run a group). See :meth:`executor_for`.
+        save_memory: False leaves the memory out of ``state_dict()`` (checkpoints of the base
+            optimizer's size; a resume then starts with an empty memory, with a warning).
+
+    ``fused=True`` / ``foreach=True`` / ``foreach=False`` run torch's fused, foreach or for-loop
+    AdamW on the aggregated gradient (the "torch" executor).
     """
 
     def __init__(
@@ -82,9 +61,18 @@ class MemoryAugmentedAdamW(_AdamUpdate, torch.optim.AdamW):
         aggregation: str = "mean",
         key: str = MemoryConfig.key,
         buffer_dtype: torch.dtype | str | None = None,
+        executor: str = "auto",
+        save_memory: bool = True,
     ) -> None:
         self._setup_memory(
-            topc=topc, decay=decay, kappa=kappa, aggregation=aggregation, key=key, buffer_dtype=buffer_dtype
+            executor=executor,
+            save_memory=save_memory,
+            topc=topc,
+            decay=decay,
+            kappa=kappa,
+            aggregation=aggregation,
+            key=key,
+            buffer_dtype=buffer_dtype,
         )
         torch.optim.AdamW.__init__(
             self,
@@ -102,14 +90,13 @@ class MemoryAugmentedAdamW(_AdamUpdate, torch.optim.AdamW):
         )
         self._finish_setup()
 
-    step = MemoryAugmentedOptimizer.step
-
 
 class MemoryAugmentedAdam(_AdamUpdate, torch.optim.Adam):
     """Adam (coupled L2 weight decay, added after aggregation) with a critical-gradient memory.
 
     Takes every argument of :class:`torch.optim.Adam` plus ``topc``, ``decay``, ``kappa``,
-    ``aggregation``, ``key`` and ``buffer_dtype`` (see :class:`MemoryAugmentedAdamW`).
+    ``aggregation``, ``key``, ``buffer_dtype``, ``executor`` and ``save_memory`` (see
+    :class:`MemoryAugmentedAdamW`).
     """
 
     def __init__(
@@ -133,9 +120,18 @@ class MemoryAugmentedAdam(_AdamUpdate, torch.optim.Adam):
         aggregation: str = "mean",
         key: str = MemoryConfig.key,
         buffer_dtype: torch.dtype | str | None = None,
+        executor: str = "auto",
+        save_memory: bool = True,
     ) -> None:
         self._setup_memory(
-            topc=topc, decay=decay, kappa=kappa, aggregation=aggregation, key=key, buffer_dtype=buffer_dtype
+            executor=executor,
+            save_memory=save_memory,
+            topc=topc,
+            decay=decay,
+            kappa=kappa,
+            aggregation=aggregation,
+            key=key,
+            buffer_dtype=buffer_dtype,
         )
         torch.optim.Adam.__init__(
             self,
@@ -153,5 +149,3 @@ class MemoryAugmentedAdam(_AdamUpdate, torch.optim.Adam):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         self._finish_setup()
-
-    step = MemoryAugmentedOptimizer.step

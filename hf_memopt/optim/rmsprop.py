@@ -5,21 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.optim.rmsprop import rmsprop as _rmsprop
 
 from ..config import MemoryConfig
-from .base import Lists, MemoryAugmentedOptimizer
+from .base import MemoryAugmentedOptimizer
+from .updates import RMSPROP
 
 
 class MemoryAugmentedRMSprop(MemoryAugmentedOptimizer, torch.optim.RMSprop):
     """RMSprop on the aggregate of the gradient and a memory of critical past gradients.
 
     Takes every argument of :class:`torch.optim.RMSprop` plus ``topc``, ``decay``, ``kappa``,
-    ``aggregation``, ``key`` and ``buffer_dtype`` (see :class:`hf_memopt.MemoryAugmentedAdamW`).
+    ``aggregation``, ``key``, ``buffer_dtype``, ``executor`` (``"auto"`` or ``"torch"``: the CPU
+    kernel is Adam's) and ``save_memory`` (see :class:`hf_memopt.MemoryAugmentedAdamW`).
     Coupled L2 weight decay is added after aggregation.
     """
 
-    _list_names = ("params", "grads", "square_avgs", "momentum_buffer_list", "grad_avgs", "state_steps")
+    _base_update = RMSPROP
 
     def __init__(
         self,
@@ -41,9 +42,18 @@ class MemoryAugmentedRMSprop(MemoryAugmentedOptimizer, torch.optim.RMSprop):
         aggregation: str = "mean",
         key: str = MemoryConfig.key,
         buffer_dtype: torch.dtype | str | None = None,
+        executor: str = "auto",
+        save_memory: bool = True,
     ) -> None:
         self._setup_memory(
-            topc=topc, decay=decay, kappa=kappa, aggregation=aggregation, key=key, buffer_dtype=buffer_dtype
+            executor=executor,
+            save_memory=save_memory,
+            topc=topc,
+            decay=decay,
+            kappa=kappa,
+            aggregation=aggregation,
+            key=key,
+            buffer_dtype=buffer_dtype,
         )
         torch.optim.RMSprop.__init__(
             self,
@@ -60,26 +70,3 @@ class MemoryAugmentedRMSprop(MemoryAugmentedOptimizer, torch.optim.RMSprop):
             differentiable,
         )
         self._finish_setup()
-
-    step = MemoryAugmentedOptimizer.step
-
-    def _update(self, group: dict[str, Any], lists: Lists, extra: Any) -> None:
-        _rmsprop(
-            lists["params"],
-            lists["grads"],
-            lists["square_avgs"],
-            lists["grad_avgs"],
-            lists["momentum_buffer_list"],
-            lists["state_steps"],
-            lr=group["lr"],
-            alpha=group["alpha"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            centered=group["centered"],
-            foreach=group["foreach"],
-            maximize=group["maximize"],
-            differentiable=group["differentiable"],
-            capturable=group["capturable"],
-            has_complex=extra,
-        )

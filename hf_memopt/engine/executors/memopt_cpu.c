@@ -15,10 +15,37 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { P_PARAM, P_GRAD, P_EXP_AVG, P_EXP_AVG_SQ, P_MAX_EXP_AVG_SQ, P_SUM, P_SLOT, N_PTRS };
-enum { I_MODE, I_SLOT_BF16, I_AMSGRAD, I_MAXIMIZE, I_DECOUPLED, N_INTS };
-enum { F_COEF_G, F_COEF_S, F_LR, F_WD, F_BETA1, F_BETA2, F_EPS, F_STEP_SIZE, F_BC2_SQRT, N_FLOATS };
+/* The column layout of every per-unit table, named once here; memopt_layout() hands the names to the
+ * Python side (hf_memopt.engine.executors.cpu_kernel), which fills the tables by name and refuses a
+ * library whose layout differs from the one it was written against. */
+#define STEP_PTRS(X) X(P, PARAM) X(P, GRAD) X(P, EXP_AVG) X(P, EXP_AVG_SQ) X(P, MAX_EXP_AVG_SQ) X(P, SUM) X(P, SLOT)
+#define STEP_INTS(X) X(I, MODE) X(I, SLOT_BF16) X(I, AMSGRAD) X(I, MAXIMIZE) X(I, DECOUPLED)
+#define STEP_FLOATS(X) \
+    X(F, COEF_G) X(F, COEF_S) X(F, LR) X(F, WD) X(F, BETA1) X(F, BETA2) X(F, EPS) X(F, STEP_SIZE) X(F, BC2_SQRT)
+/* memopt_adam_fused: the whole step, decisions included */
+#define FUSED_PTRS(X)                                                                                      \
+    X(Q, PARAM) X(Q, GRAD) X(Q, EXP_AVG) X(Q, EXP_AVG_SQ) X(Q, MAX_EXP_AVG_SQ) X(Q, SUM) X(Q, STEP) X(Q, PRI) \
+        X(Q, STORED_AT) X(Q, COUNT) X(Q, CLOCK)
+#define FUSED_INTS(X) \
+    X(J, TOPC) X(J, SLOTS) X(J, GROUP) X(J, AGG) X(J, SLOT_BF16) X(J, AMSGRAD) X(J, MAXIMIZE) X(J, DECOUPLED)
+#define FUSED_FLOATS(X) X(H, KAPPA) X(H, DECAY) X(H, LR) X(H, WD) X(H, BETA1) X(H, BETA2) X(H, EPS)
+
+#define AS_ENUM(PREFIX, NAME) PREFIX##_##NAME,
+#define AS_NAME(PREFIX, NAME) #NAME ","
+enum { STEP_PTRS(AS_ENUM) N_PTRS };
+enum { STEP_INTS(AS_ENUM) N_INTS };
+enum { STEP_FLOATS(AS_ENUM) N_FLOATS };
+enum { FUSED_PTRS(AS_ENUM) N_Q };
+enum { FUSED_INTS(AS_ENUM) N_J };
+enum { FUSED_FLOATS(AS_ENUM) N_H };
 enum { MODE_NONE = 0, MODE_FILL = 1, MODE_EVICT = 2 };
+enum { AGG_MEAN, AGG_SUM, AGG_MID };
+
+static const char LAYOUT[] = "step_ptrs:" STEP_PTRS(AS_NAME) ";step_ints:" STEP_INTS(AS_NAME) ";step_floats:" STEP_FLOATS(
+    AS_NAME) ";fused_ptrs:" FUSED_PTRS(AS_NAME) ";fused_ints:" FUSED_INTS(AS_NAME) ";fused_floats:" FUSED_FLOATS(AS_NAME);
+
+/* The table layout, for the loader's check: "table:COL,COL,...;table:..." */
+const char *memopt_layout(void) { return LAYOUT; }
 
 #define CHUNK 16384
 /* Chunks a thread takes per atomic fetch (fewer when that would leave under four runs per thread).
@@ -40,7 +67,8 @@ static inline float bf16_to_f32(uint16_t b) {
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    /* only finite gradients are ever stored, so no NaN special case is needed */
+    /* only finite values come here (stored gradients, the max-abs of a finite-norm gradient), so no NaN
+     * special case is needed; a finite value past bf16's range rounds to the infinity 0x7F80 */
     u += 0x7FFFu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
@@ -152,27 +180,45 @@ static void run_chunk(const job_t *job, int64_t c) {
     ADAM_CASES(MODE_EVICT, 1)
 }
 
-/* Sum of squares of one chunk of an fp32 tensor, accumulated in fp64. Sixteen independent lanes
- * (summed in a fixed order at the end) let the compiler vectorize without reassociating anything,
- * so the result depends only on the data, never on the thread count or on which thread ran it. */
-static void sq_chunk(const job_t *job, int64_t c) {
+/* Sum of squares of one chunk of an fp32 tensor, accumulated in fp64, and (with_max) its largest |x|.
+ * Sixteen independent lanes (summed in a fixed order at the end) let the compiler vectorize without
+ * reassociating anything, so the result depends only on the data, never on the thread count or on
+ * which thread ran it. The max-abs tells whether g is finite in a narrower buffer dtype (SPEC 1.3);
+ * it rides along in the same read of g. */
+static inline __attribute__((always_inline)) void sq_max_chunk(const job_t *job, int64_t c, const int with_max) {
     const int64_t u = job->chunk_unit[c], lo = job->chunk_start[c], hi = job->chunk_end[c];
     const float *restrict x = (const float *)job->ptrs[u];
     double acc[16] = {0};
+    float mx[16] = {0};
     int64_t i = lo;
     for (; i + 16 <= hi; i += 16)
         for (int j = 0; j < 16; ++j) {
             const double xi = (double)x[i + j];
             acc[j] += xi * xi;
+            if (with_max) {
+                const float a = fabsf(x[i + j]);
+                mx[j] = a > mx[j] ? a : mx[j];
+            }
         }
     for (int j = 0; i < hi; ++i, ++j) {
         const double xi = (double)x[i];
         acc[j] += xi * xi;
+        if (with_max) {
+            const float a = fabsf(x[i]);
+            mx[j] = a > mx[j] ? a : mx[j];
+        }
     }
     for (int w = 8; w >= 1; w /= 2)
-        for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+        for (int j = 0; j < w; ++j) {
+            acc[j] += acc[j + w];
+            if (with_max) mx[j] = mx[j + w] > mx[j] ? mx[j + w] : mx[j];
+        }
     job->partials[c] = acc[0];
+    if (with_max) job->partials[job->n_chunks + c] = (double)mx[0];
 }
+
+static void sq_chunk(const job_t *job, int64_t c) { sq_max_chunk(job, c, 0); }
+static void sq_max_chunk_fn(const job_t *job, int64_t c) { sq_max_chunk(job, c, 1); }
 
 static void *worker(void *arg) {
     job_t *job = (job_t *)arg;
@@ -200,8 +246,8 @@ static int run_parallel(job_t *job, const int64_t *numels, int n_threads, double
     job->chunk_end = table + 2 * n_chunks;
     job->n_chunks = n_chunks;
     job->next = 0;
-    if (partials) {
-        *partials = (double *)malloc(sizeof(double) * (size_t)n_chunks);
+    if (partials) { /* one value per chunk, two (sum of squares, then max-abs) for the max-abs pass */
+        *partials = (double *)malloc(sizeof(double) * (size_t)n_chunks * (job->fn == sq_max_chunk_fn ? 2 : 1));
         if (!*partials) {
             free(table);
             return -1;
@@ -242,16 +288,25 @@ int memopt_adam_step(int64_t n_units, const int64_t *ptrs, const int64_t *ints, 
 }
 
 /* out[u] = sum of squares (fp64) of the numels[u] fp32 values at ptrs[u]; chunks summed in order.
- * Returns 0 on success, -1 when memory for the work tables cannot be had. */
-int memopt_sq_norms(int64_t n_units, const int64_t *ptrs, const int64_t *numels, double *out, int n_threads) {
-    job_t job = {sq_chunk, n_units, ptrs, NULL, NULL, NULL, NULL, NULL, 0, 0, 0, NULL};
+ * out_max (may be NULL): out_max[u] = the largest |value| of unit u (a NaN is passed over: its sum of
+ * squares is NaN already). Returns 0 on success, -1 when memory for the work tables cannot be had. */
+int memopt_sq_norms(int64_t n_units, const int64_t *ptrs, const int64_t *numels, double *out, float *out_max,
+                    int n_threads) {
+    job_t job = {out_max ? sq_max_chunk_fn : sq_chunk, n_units, ptrs, NULL, NULL, NULL, NULL, NULL, 0, 0, 0, NULL};
     double *partials = NULL;
-    for (int64_t u = 0; u < n_units; ++u) out[u] = 0.0;
+    for (int64_t u = 0; u < n_units; ++u) {
+        out[u] = 0.0;
+        if (out_max) out_max[u] = 0.0f;
+    }
     if (run_parallel(&job, numels, n_threads, &partials, NORM_GRAB) != 0) return -1;
     if (!partials) return 0;
+    const int64_t n_chunks = job.n_chunks;
     int64_t c = 0;
     for (int64_t u = 0; u < n_units; ++u)
-        for (int64_t s = 0; s < numels[u]; s += CHUNK) out[u] += partials[c++];
+        for (int64_t s = 0; s < numels[u]; s += CHUNK, ++c) {
+            out[u] += partials[c];
+            if (out_max && (float)partials[n_chunks + c] > out_max[u]) out_max[u] = (float)partials[n_chunks + c];
+        }
     free(partials);
     return 0;
 }
@@ -267,14 +322,7 @@ int memopt_sq_norms(int64_t n_units, const int64_t *ptrs, const int64_t *numels,
  *   3. the single-pass update of memopt_adam_step;
  *   4. the ledger commit: clock, the admitted priority and time, count, and the decay of priorities.
  * Columns of the per-unit tables: */
-enum {
-    Q_PARAM, Q_GRAD, Q_EXP_AVG, Q_EXP_AVG_SQ, Q_MAX_EXP_AVG_SQ, Q_SUM, Q_STEP, /* tensors (step: fp32 scalar) */
-    Q_PRI, Q_STORED_AT, Q_COUNT, Q_CLOCK,                                   /* ledger row: f32[C], i64[C], i64, i64 */
-    N_Q
-};
-enum { J_TOPC, J_SLOTS, J_GROUP, J_AGG, J_SLOT_BF16, J_AMSGRAD, J_MAXIMIZE, J_DECOUPLED, N_J };
-enum { H_KAPPA, H_DECAY, H_LR, H_WD, H_BETA1, H_BETA2, H_EPS, N_H };
-enum { AGG_MEAN, AGG_SUM, AGG_MID };
+/* (FUSED_PTRS: the tensors, step being an fp32 scalar, then the ledger row: f32[C], i64[C], i64, i64.) */
 #define REFRESH_INTERVAL 128
 
 /* slot_ptrs: for unit u, its topc slot addresses start at slot_ptrs[ints[u, J_SLOTS]].
@@ -291,11 +339,17 @@ int memopt_adam_fused(int64_t n_units, const int64_t *q, const int64_t *ints, co
     int64_t *ptrs = (int64_t *)calloc((size_t)n_units * N_PTRS, sizeof(int64_t));
     int64_t *iv = (int64_t *)calloc((size_t)n_units * N_INTS, sizeof(int64_t));
     double *fv = (double *)calloc((size_t)n_units * N_FLOATS, sizeof(double));
+    float *gmax = (float *)calloc((size_t)n_units, sizeof(float));
     int rc = -1;
-    if (!gptr || !sq || !k || !gsum || !ptrs || !iv || !fv) goto done;
+    if (!gptr || !sq || !k || !gsum || !ptrs || !iv || !fv || !gmax) goto done;
 
-    for (int64_t u = 0; u < n_units; ++u) gptr[u] = q[u * N_Q + Q_GRAD];
-    if (memopt_sq_norms(n_units, gptr, numels, sq, n_threads) != 0) goto done;
+    /* the max-abs rides along only where a slot dtype narrower than fp32 can overflow (bf16 slots) */
+    int any_bf16 = 0;
+    for (int64_t u = 0; u < n_units; ++u) {
+        gptr[u] = q[u * N_Q + Q_GRAD];
+        any_bf16 |= ints[u * N_J + J_SLOT_BF16] != 0;
+    }
+    if (memopt_sq_norms(n_units, gptr, numels, sq, any_bf16 ? gmax : NULL, n_threads) != 0) goto done;
 
     /* priorities: np.add.at over units in order, starting from 0.0 */
     for (int64_t u = 0; u < n_units; ++u) {
@@ -327,9 +381,11 @@ int memopt_adam_fused(int64_t n_units, const int64_t *q, const int64_t *ints, co
             cg = 1.0 / (1.0 + kappa);
             cs = kappa / ((double)n * (1.0 + kappa));
         }
-        const float k32 = (float)k[u];
+        const float k32 = (float)k[u]; /* reduced in fp64, rounded to fp32 before the finiteness test */
+        /* a g that is not finite once cast to the slot dtype is never stored (SPEC 1.3) */
+        const int castable = !J[J_SLOT_BF16] || (f32_to_bf16(gmax[u]) & 0x7FFFu) != 0x7F80u;
         int64_t mode = MODE_NONE, slot = -1;
-        if (isfinite(k32)) {
+        if (isfinite(k32) && castable) {
             if (n < topc) {
                 mode = MODE_FILL;
                 slot = n;
@@ -406,5 +462,6 @@ done:
     free(ptrs);
     free(iv);
     free(fv);
+    free(gmax);
     return rc;
 }

@@ -1,0 +1,300 @@
+"""The "cpu" executor: the C kernel (``memopt_cpu.c``) for Adam/AdamW on fp32 CPU tensors.
+
+Two modes, both one parallel pass over memory per step:
+
+* whole step (one process, no segments): ``memopt_adam_fused`` takes norms, priorities, decisions
+  (its C transcription of :mod:`hf_memopt.engine.rule`), the single-pass update and the ledger
+  commit in one call over every unit of every group it runs. The per-group kernel columns are kept
+  between steps (:class:`_FusedTable`);
+* host decisions (a norm reducer is set: sharded runs): :mod:`hf_memopt.engine.plan` decides, and
+  ``memopt_adam_step`` does aggregation, admission and the Adam(W) update in one pass.
+
+Priorities equal the "torch" executor's on CPU bit for bit (both use the kernel's fixed-order fp64
+norms); parameters agree to the last bits (the update is one fused loop, torch's is several ops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import rule
+from .. import state as st
+from . import cpu_kernel
+from .cpu_kernel import AGGREGATION_CODES, COLUMNS
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _fp32_cpu(t: Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+
+
+class CpuExecutor:
+    """Runs Adam/AdamW param groups of fp32 CPU tensors with the C kernel."""
+
+    name = "cpu"
+
+    def unavailable(self, opt: Any, work: Any) -> str | None:
+        """Why the kernel cannot run ``work`` this step, in words (None: it can)."""
+        group, cfg = work.group, work.cfg
+        if not work.update.cpu_kernel:
+            return f"{type(opt).__name__}'s base update has no CPU kernel (Adam and AdamW have)"
+        if cfg.kappa == 0.0:
+            return "kappa=0 turns the memory off; the group runs torch's own optimizer"
+        for flag in ("foreach", "fused"):
+            if group.get(flag) is not None:
+                return f"{flag}={group[flag]} asks for torch's own implementation"
+        for flag in ("capturable", "differentiable"):
+            if group.get(flag):
+                return f"{flag}=True is a torch implementation flag the kernel does not have"
+        if isinstance(group["lr"], Tensor) or any(isinstance(b, Tensor) for b in group["betas"]):
+            return "lr and betas must be Python numbers"
+        if cfg.buffer_dtype not in (None, torch.float32, torch.bfloat16):
+            return f"buffer_dtype={cfg.buffer_dtype} (the kernel stores fp32 or bf16)"
+        tensors = [*work.lists["params"], *work.lists["grads"]]
+        if not all(_fp32_cpu(st.local_tensor(t)) for t in tensors):
+            return "its parameters and gradients must be contiguous fp32 CPU tensors"
+        if cpu_kernel.load() is None:
+            return (
+                f"the CPU kernel could not be built (a C compiler is needed; {cpu_kernel.KERNELS_ENV}=0 turns it off)"
+            )
+        return None
+
+    @staticmethod
+    def decides_on_host(opt: Any, work: Any) -> bool:
+        """Host decisions under a norm reducer or with segments; else the whole step runs in C."""
+        return opt.norm_reducer is not None or any(id(p) in opt._segments for p in work.lists["params"])
+
+    def run(self, opt: Any, works: Sequence[Any]) -> None:
+        whole = [w for w in works if w.plan is None]
+        planned = [w for w in works if w.plan is not None]
+        if whole:
+            _run_whole_step(opt, [_fused_table(opt, w) for w in whole])
+        if planned:
+            _run_planned(opt, planned)
+
+
+# -- whole step in C ----------------------------------------------------------------------------
+
+
+def _fused_table(opt: Any, work: Any) -> _FusedTable:
+    """The group's cached kernel columns with this step's addresses."""
+    args = work.update.kernel_args(work.group, work.lists)
+    table = opt._executor_cache.get(("cpu", work.index))
+    if table is None or not table.still_valid(opt, work, args):
+        table = _FusedTable(opt, work, args)
+        opt._executor_cache[("cpu", work.index)] = table
+    # Gradients are new tensors every step (zero_grad(set_to_none=True)) and a parameter's storage can
+    # be swapped (``p.data = ...``): their addresses are read every step.
+    params = work.lists["params"]
+    param_ptrs = [(p if type(p) in _PLAIN else st.local_tensor(p)).data_ptr() for p in params]
+    if param_ptrs != table.param_ptrs:
+        table = _FusedTable(opt, work, args)
+        opt._executor_cache[("cpu", work.index)] = table
+    table.q[:, COLUMNS.fused_ptrs.GRAD] = [
+        (g if type(g) is Tensor else st.local_tensor(g)).data_ptr() for g in work.lists["grads"]
+    ]
+    f = COLUMNS.fused_floats
+    table.floats[:, [f.LR, f.WD, f.BETA1, f.BETA2, f.EPS]] = (
+        args.lr,
+        args.weight_decay,
+        args.beta1,
+        args.beta2,
+        args.eps,
+    )
+    return table
+
+
+def _run_whole_step(opt: Any, tables: list[_FusedTable]) -> None:
+    if len(tables) == 1:
+        t = tables[0]
+        q, ints, floats, numels, slot_ptrs = t.q, t.ints, t.floats, t.numels, t.slot_ptrs
+    else:
+        # several groups in one call: renumber their priority groups and slot offsets
+        j = COLUMNS.fused_ints
+        q = np.concatenate([t.q for t in tables])
+        ints = np.concatenate([t.ints for t in tables])
+        floats = np.concatenate([t.floats for t in tables])
+        numels = np.concatenate([t.numels for t in tables])
+        slot_ptrs = np.concatenate([t.slot_ptrs for t in tables])
+        row = slot_off = 0
+        for gi, t in enumerate(tables):
+            n = len(t.numels)
+            ints[row : row + n, j.SLOTS] += slot_off
+            ints[row : row + n, j.GROUP] = np.where(ints[row : row + n, j.GROUP] >= 0, gi, -1)
+            row += n
+            slot_off += len(t.slot_ptrs)
+    out = cpu_kernel.adam_fused(q, ints, floats, numels, slot_ptrs, torch.get_num_threads())
+    row = 0
+    for t in tables:
+        n = len(t.numels)
+        opt._stats.record(out[row : row + n, 0])
+        for u in np.flatnonzero(out[row : row + n, 2]):
+            state = t.states[u]
+            slots = [st.local_tensor(state[k]) for k in st.slot_keys(t.topc)]
+            _refresh_sum(st.local_tensor(state["memory_sum"]), slots, int(t.ledgers[u].count[0]))
+        row += n
+
+
+def _refresh_sum(s: Tensor, slots: list[Tensor], count: int) -> None:
+    """Rebuild ``S`` exactly (fp32, slot order) from the filled slots."""
+    s.copy_(slots[0])
+    for i in range(1, count):
+        s.add_(slots[i])
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+class _FusedTable:
+    """Kernel columns of one param group for ``memopt_adam_fused``, kept between steps.
+
+    Valid while the group holds the same tensors with a gradient, the same state tensors (torch's
+    lists from ``_init_group`` are compared by identity) and the same ledgers (a load replaces them and
+    bumps the optimizer's layout version); the gradient and parameter addresses are read every step.
+    """
+
+    def __init__(self, opt: Any, work: Any, args: Any) -> None:
+        cfg = work.cfg
+        self.group, self.cfg, self.amsgrad = work.group, cfg, args.amsgrad
+        self.version, self.state_obj = opt._layout_version, opt.state
+        self.params = list(work.lists["params"])
+        self.lists = [list(args.exp_avgs), list(args.exp_avg_sqs), list(args.steps)]
+        if args.amsgrad:
+            self.lists.append(list(args.max_exp_avg_sqs))
+        self.topc = cfg.topc
+        self.states = [opt.state[p] for p in self.params]
+        n = len(self.params)
+        P, J, H = COLUMNS.fused_ptrs, COLUMNS.fused_ints, COLUMNS.fused_floats
+        self.q = np.zeros((n, len(P)), dtype=np.int64)
+        self.ints = np.zeros((n, len(J)), dtype=np.int64)
+        self.floats = np.zeros((n, len(H)), dtype=np.float64)
+        self.numels = np.zeros(n, dtype=np.int64)
+        self.slot_ptrs = np.zeros(n * cfg.topc, dtype=np.int64)
+        self.ledgers: list[st.Ledger] = []
+        self.anchors: list[Tensor] = []
+        self.keep_alive: list[Tensor] = []  # the kernel holds raw addresses of these
+        self.param_ptrs: list[int] = []
+        bf16 = cfg.buffer_dtype == torch.bfloat16
+        slot_dtype = torch.bfloat16 if bf16 else torch.float32
+        for j, (p, state) in enumerate(zip(self.params, self.states)):
+            lp = st.local_tensor(p)
+            moments = [st.local_tensor(args.exp_avgs[j]), st.local_tensor(args.exp_avg_sqs[j])]
+            vmax = st.local_tensor(args.max_exp_avg_sqs[j]) if args.amsgrad else None
+            s = st.local_tensor(state["memory_sum"])
+            slots = [st.local_tensor(state[k]) for k in st.slot_keys(cfg.topc)]
+            step = args.steps[j]
+            tensors = [lp, *moments, s, *([vmax] if vmax is not None else [])]
+            if (
+                not all(_fp32_cpu(x) for x in tensors)
+                or not all(x.dtype == slot_dtype and x.is_contiguous() for x in slots)
+                or not (step.dtype == torch.float32 and step.device.type == "cpu" and step.dim() == 0)
+            ):
+                raise ValueError(
+                    "executor='cpu': the optimizer state of a parameter is not contiguous fp32 on the CPU "
+                    "(or its slots are not of the buffer dtype); use executor='torch'"
+                )
+            led = st.ledger_of(state, cfg.topc, opt._ledgers)
+            self.ledgers.append(led)
+            self.anchors.append(state["priority_0"])
+            self.keep_alive += [*tensors, *slots, step]
+            self.param_ptrs.append(lp.data_ptr())
+            row = self.q[j]
+            row[P.PARAM], row[P.EXP_AVG], row[P.EXP_AVG_SQ] = lp.data_ptr(), *(m.data_ptr() for m in moments)
+            row[P.MAX_EXP_AVG_SQ] = vmax.data_ptr() if vmax is not None else 0
+            row[P.SUM], row[P.STEP] = s.data_ptr(), step.data_ptr()
+            row[P.PRI], row[P.STORED_AT] = led.priorities.ctypes.data, led.stored_at.ctypes.data
+            row[P.COUNT], row[P.CLOCK] = led.count.ctypes.data, led.clock.ctypes.data
+            self.slot_ptrs[j * cfg.topc : (j + 1) * cfg.topc] = [x.data_ptr() for x in slots]
+            ints = self.ints[j]
+            ints[J.TOPC], ints[J.SLOTS] = cfg.topc, j * cfg.topc
+            ints[J.GROUP] = 0 if cfg.key == "group" else -1
+            ints[J.AGG], ints[J.SLOT_BF16] = AGGREGATION_CODES[cfg.aggregation], bf16
+            ints[J.AMSGRAD], ints[J.MAXIMIZE], ints[J.DECOUPLED] = args.amsgrad, args.maximize, args.decoupled
+            self.numels[j] = lp.numel()
+        self.floats[:, H.KAPPA] = cfg.kappa
+        self.floats[:, H.DECAY] = cfg.decay
+
+    def still_valid(self, opt: Any, work: Any, args: Any) -> bool:
+        lists = [args.exp_avgs, args.exp_avg_sqs, args.steps] + ([args.max_exp_avg_sqs] if args.amsgrad else [])
+        return (
+            self.group is work.group
+            and self.version == opt._layout_version
+            and self.state_obj is opt.state
+            and self.cfg == work.cfg
+            and self.amsgrad == args.amsgrad
+            and _same(self.params, work.lists["params"])
+            and all(_same(a, b) for a, b in zip(self.lists, lists))
+            and all(s["priority_0"] is a for s, a in zip(self.states, self.anchors))
+        )
+
+
+# -- host decisions, update in C ------------------------------------------------------------------
+
+
+def _run_planned(opt: Any, works: Sequence[Any]) -> None:
+    """``memopt_adam_step`` over every unit of ``works`` with the decisions of their host plans."""
+    ptrs: list[list[int]] = []
+    numels: list[int] = []
+    ints: list[np.ndarray] = []
+    floats: list[np.ndarray] = []
+    refresh: list[tuple[dict[str, Any], int, int, int, int]] = []
+    P, N, F = COLUMNS.step_ptrs, COLUMNS.step_ints, COLUMNS.step_floats
+    for w in works:
+        plan, cfg = w.plan, w.cfg
+        args = w.update.kernel_args(w.group, w.lists)
+        torch._foreach_add_(args.steps, 1)
+        step_of = torch.stack(args.steps).tolist()
+        # torch's single-tensor Adam computes these in Python floats; so do we, once per distinct step
+        coef = {s: (args.lr / (1 - args.beta1**s), (1 - args.beta2**s) ** 0.5) for s in set(step_of)}
+        d = plan.d
+        n = len(plan.units)
+        modes, slots = d.mode.tolist(), d.slot.tolist()
+        gi = np.zeros((n, len(N)), dtype=np.int64)
+        gi[:, N.MODE] = d.mode
+        gi[:, N.SLOT_BF16] = (d.mode != rule.MODE_NONE) & (cfg.buffer_dtype == torch.bfloat16)
+        gi[:, N.AMSGRAD], gi[:, N.MAXIMIZE], gi[:, N.DECOUPLED] = args.amsgrad, args.maximize, args.decoupled
+        gf = np.empty((n, len(F)), dtype=np.float64)
+        gf[:, F.COEF_G], gf[:, F.COEF_S] = d.coef_g, d.coef_s
+        gf[:, [F.LR, F.WD, F.BETA1, F.BETA2, F.EPS]] = (args.lr, args.weight_decay, args.beta1, args.beta2, args.eps)
+        gf[:, [F.STEP_SIZE, F.BC2_SQRT]] = [coef[step_of[i]] for _p, i, _si, _start in plan.units]
+        for j, (p, i, si, start) in enumerate(plan.units):
+            state = plan.states[j]
+            lp = st.local_tensor(p)
+            numel = lp.numel() if start < 0 else opt._segments[id(p)][si][1]
+            off = 4 * max(start, 0)
+            row = [0] * len(P)
+            row[P.PARAM] = lp.data_ptr() + off
+            row[P.GRAD] = st.local_tensor(w.lists["grads"][i]).data_ptr() + off
+            row[P.EXP_AVG] = st.local_tensor(args.exp_avgs[i]).data_ptr() + off
+            row[P.EXP_AVG_SQ] = st.local_tensor(args.exp_avg_sqs[i]).data_ptr() + off
+            row[P.MAX_EXP_AVG_SQ] = st.local_tensor(args.max_exp_avg_sqs[i]).data_ptr() + off if args.amsgrad else 0
+            row[P.SUM] = st.local_tensor(state["memory_sum"]).data_ptr() + off
+            if modes[j] != rule.MODE_NONE:
+                slot = st.local_tensor(state[f"memory_{slots[j]}"])
+                row[P.SLOT] = slot.data_ptr() + max(start, 0) * slot.element_size()
+            ptrs.append(row)
+            numels.append(numel)
+        ints.append(gi)
+        floats.append(gf)
+        for j in np.flatnonzero(d.refresh):
+            refresh.append((plan.states[j], plan.units[j][3], numels[-n + j], int(d.count_after[j]), cfg.topc))
+    if not ptrs:
+        return
+    cpu_kernel.adam_step(
+        np.array(ptrs, dtype=np.int64),
+        np.concatenate(ints),
+        np.concatenate(floats),
+        np.array(numels),
+        torch.get_num_threads(),
+    )
+    for state, start, numel, count, topc in refresh:
+        whole = start < 0
+        slots = [st.unit_view(state[k], start, numel, whole) for k in st.slot_keys(topc)]
+        _refresh_sum(st.unit_view(state["memory_sum"], start, numel, whole), slots, count)

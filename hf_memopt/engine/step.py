@@ -1,0 +1,60 @@
+"""One optimizer step over all param groups: pick an executor per group, decide, update, commit.
+
+The order, per SPEC section 1 and section 2's performance contract:
+
+1. every group's executor is picked (:func:`.executors.select_executor`);
+2. groups whose executor decides on the host get their plans together: one batched norm pass,
+   one optional all-reduce (sharded runs) and one device-to-host transfer for all of them;
+3. each executor runs its groups (aggregate, admit, base update; the whole-step kernel also decides);
+4. the host plans are committed to the ledgers (admissions recorded, priorities decayed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import MemoryConfig
+from .executors import select_executor
+from .plan import HostPlan, plan_groups
+
+Lists = dict[str, list[Any]]
+
+
+@dataclass(eq=False)
+class Work:
+    """One param group in one step: what its executor needs."""
+
+    index: int  # position in optimizer.param_groups
+    group: dict[str, Any]
+    cfg: MemoryConfig
+    lists: Lists  # torch's _init_group lists (params with a gradient, their grads and base state)
+    extra: Any  # what _init_group returned (e.g. has_complex), for the base update
+    update: Any  # the base update strategy (hf_memopt.optim.updates)
+    executor: Any = None
+    plan: HostPlan | None = None
+
+
+def run_step(opt: Any, works: list[Work], requested: str) -> None:
+    """Steps 2-4 of the module docstring over ``works`` (every param group of the optimizer)."""
+    for w in works:
+        w.executor = select_executor(requested, opt, w)
+        opt._ran[w.index] = w.executor.name
+    memory = [w for w in works if w.cfg.kappa > 0.0]
+    host = [w for w in memory if w.lists["params"] and _decides_on_host(opt, w)]
+    plan_groups(opt, host, opt.norm_reducer, memory)
+    by_executor: dict[int, tuple[Any, list[Work]]] = {}
+    for w in works:
+        if w.lists["params"]:
+            by_executor.setdefault(id(w.executor), (w.executor, []))[1].append(w)
+    for executor, group_works in by_executor.values():
+        executor.run(opt, group_works)
+    for w in host:
+        if w.plan is not None:
+            w.plan.commit(w.cfg)
+            opt._stats.record(w.plan.d.mode)
+
+
+def _decides_on_host(opt: Any, w: Work) -> bool:
+    decides = w.executor.decides_on_host
+    return decides(opt, w) if callable(decides) else bool(decides)
