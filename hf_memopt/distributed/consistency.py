@@ -12,7 +12,6 @@ not for production runs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._env import env_flag
 from .reducer import TensorMap, Unit, all_reduce
 
 ENV_VAR = "HF_MEMOPT_CHECK_RANKS"
@@ -28,7 +28,7 @@ _QUANTITIES = ("full-tensor squared norm", "stored gradients", "sum of prioritie
 
 def requested() -> bool:
     """True when ``HF_MEMOPT_CHECK_RANKS`` asks for the check."""
-    return os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(ENV_VAR, False)
 
 
 class RankDivergenceError(RuntimeError):
@@ -37,15 +37,15 @@ class RankDivergenceError(RuntimeError):
 
 def _ledger_rows(optimizer: Any, units: Sequence[Unit], tmap: TensorMap) -> np.ndarray:
     """``[3, n_tensors]`` ledger fingerprint per tensor held here; -inf where this rank has none."""
+    topc = {id(p): int(g["topc"]) for g in optimizer.param_groups for p in g["params"]}
     rows = np.full((3, tmap.n_tensors), -np.inf)
     for ui, (p, si) in enumerate(units):
         state = optimizer.state.get(p, {})
         if "memory_count" not in state:
             continue
-        topc = sum(1 for k in state if isinstance(k, str) and k.startswith("priority_"))
         t = tmap.unit_tensor[ui]
         rows[0, t] = float(state["memory_count"].reshape(-1)[si])
-        rows[1, t] = float(sum(float(state[f"priority_{i}"].reshape(-1)[si]) for i in range(topc)))
+        rows[1, t] = float(sum(float(state[f"priority_{i}"].reshape(-1)[si]) for i in range(topc[id(p)])))
         rows[2, t] = float(state["memory_clock"].reshape(-1)[si])
     return rows
 

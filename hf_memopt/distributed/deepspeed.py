@@ -12,15 +12,18 @@ run's. Where the slices live (SPEC section 6):
 * ZeRO-3: ``grad_position[param_id] = [sub_group, offset, partition_numel]``; rank ``r`` holds
   elements ``[r * partition_numel, (r + 1) * partition_numel)`` of the flattened tensor.
 
-Unbound (``bind`` never called and the first step too late to bind), each partition is one
-unit whose priority is the all-reduced norm of the whole flat group: consistent on every rank,
-but not per tensor; one warning says so.
+The client optimizer's partitions carry no link back to DeepSpeed's optimizer, so binding is an
+explicit call: :func:`bind` after ``deepspeed.initialize``; ``Trainer`` (hf_memopt's integration)
+calls :func:`bind_prepared` after ``accelerator.prepare``. Without it the first step warns (once
+per optimizer) and each rank keeps partition-local norms. :func:`unbound_reducer` serves a state
+already laid out per partition: each partition is one unit whose priority is the all-reduced
+norm of the whole flat group, consistent on every rank but not per tensor, with one warning.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +32,18 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
-from ._owner import calling_wrapper, module_of
 from .reducer import Layout, ShardedNormReducer, TensorMap, Unit, group_key
+
+logger = logging.getLogger("hf_memopt.distributed")
+
+NOT_BOUND_WARNING = (
+    "hf_memopt: the optimizer's parameters look like DeepSpeed ZeRO flat partitions, which were not bound "
+    "to their model tensors: each rank takes its priorities from its own partition slices, not from whole "
+    "tensors, so the run is not the unsharded one. Call hf_memopt.distributed.deepspeed.bind(engine) right "
+    "after deepspeed.initialize (accelerate: bind(optimizer) after accelerator.prepare), before loading a "
+    "checkpoint and before the first step. (Not DeepSpeed partitions? Then set optimizer.auto_sharding = "
+    "False, or bind the real layout.)"
+)
 
 UNBOUND_WARNING = (
     "hf_memopt: DeepSpeed ZeRO partitions were not bound to their model tensors, so each flat "
@@ -53,7 +66,7 @@ class _Partition:
 
 def is_zero_optimizer(obj: Any) -> bool:
     """True for a DeepSpeed ZeRO-1/2/3 or BF16 optimizer wrapping a client optimizer."""
-    return module_of(obj).startswith("deepspeed.") and (
+    return (type(obj).__module__ or "").startswith("deepspeed.") and (
         hasattr(obj, "single_partition_of_fp32_groups")
         or hasattr(obj, "fp32_partitioned_groups_flat")
         or hasattr(obj, "fp32_groups_flat_partition")
@@ -234,7 +247,9 @@ def bind(engine_or_optimizer: Any, check: bool = False) -> Any:
     Call right after ``deepspeed.initialize`` (or ``accelerator.prepare``), before a checkpoint
     is loaded and before the first step. ``Trainer`` with a ``memopt_*`` optim and
     ``MemOptTrainer`` do it by themselves. Accepts the engine, accelerate's optimizer wrapper
-    or DeepSpeed's ZeRO optimizer. Idempotent.
+    or DeepSpeed's ZeRO optimizer. Idempotent. ``check``: also run the rank-consistency check.
+    Raises ``RuntimeError`` if the client's memory is already laid out otherwise (stepped, or
+    loaded from a checkpoint saved unbound): then use :func:`unbound_reducer`.
     """
     zero = zero_optimizer_of(engine_or_optimizer)
     client = zero.optimizer
@@ -251,24 +266,40 @@ def bind(engine_or_optimizer: Any, check: bool = False) -> Any:
         segs = [(s, n) for s, n, _t in part.segments]
         client.bind_segments(part.tensor, segs or None)
     client.norm_reducer = ShardedNormReducer(client, layout, check=check)
+    logger.info(
+        "%s: bound to DeepSpeed %s: %d model tensor segment(s) in %d partition(s) on this rank",
+        type(client).__name__,
+        type(zero).__name__,
+        sum(len(part.segments) for part in layout.parts),
+        len(layout.parts),
+    )
     return client
 
 
-def find_zero_optimizer(optimizer: Any) -> Any | None:
-    """The DeepSpeed ZeRO optimizer whose ``step()`` is running ``optimizer``'s, if any."""
-    return calling_wrapper(optimizer, is_zero_optimizer)
+def bind_prepared(obj: Any) -> Any | None:
+    """:func:`bind` if ``obj`` wraps a DeepSpeed ZeRO optimizer whose client is ours; else None.
 
-
-_warned = False
+    For integrations (``Trainer``) that prepare any optimizer: after ``accelerator.prepare``.
+    """
+    try:
+        zero = zero_optimizer_of(obj)
+    except ValueError:
+        return None
+    if not hasattr(zero.optimizer, "bind_segments"):
+        return None
+    return bind(zero)
 
 
 def unbound_reducer(optimizer: Any, zero: Any, check: bool = False) -> ShardedNormReducer:
-    """One consistent priority per partition, with a single warning per process."""
-    global _warned
-    if not _warned:
-        warnings.warn(UNBOUND_WARNING, stacklevel=3)
-        _warned = True
-    return ShardedNormReducer(optimizer, _layout(zero, bound=False), check=check)
+    """One consistent priority per partition (the all-reduced norm of its flat group), with a warning.
+
+    For a client whose memory is already laid out one unit per partition (``bind`` raises
+    then). Install it as ``optimizer.norm_reducer``. Warns once per optimizer.
+    """
+    from .auto import warn_once
+
+    warn_once(optimizer, UNBOUND_WARNING)
+    return ShardedNormReducer(optimizer, _layout(zero_optimizer_of(zero), bound=False), check=check)
 
 
 def strip_memory(checkpoint_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> None:

@@ -6,6 +6,10 @@ sharded along mesh dimension ``d`` (``Shard(k)``) is summed over that dimension'
 group; a replicated dimension needs nothing; a ``Partial`` gradient cannot be summed as
 squared norms and is refused. Tensors are grouped by process group, not by mesh object:
 every ``fully_shard`` call builds its own mesh over the same group.
+
+The parameters carry everything needed (placements and meshes), so the first step attaches
+this layout by itself; :func:`attach` does it explicitly (needed when sharding
+auto-detection is switched off).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .reducer import Layout, TensorMap, Unit, group_key
+from .reducer import Layout, ShardedNormReducer, TensorMap, Unit, group_key
 
 
 def is_dtensor(t: Any) -> bool:
@@ -72,3 +76,14 @@ class DTensorLayout(Layout):
             reductions=[(g, np.array(idx, dtype=np.int64)) for g, idx in reduce.values()],
             check_groups=checks,
         )
+
+
+def attach(optimizer: Any, check: bool = False) -> ShardedNormReducer:
+    """Make ``optimizer`` exact on DTensor parameters (FSDP2 ``fully_shard``, tensor parallel).
+
+    Call after building the optimizer (after ``fully_shard``), before its first step.
+    ``check``: also run the rank-consistency check every step. Returns the reducer.
+    """
+    reducer = ShardedNormReducer(optimizer, DTensorLayout(), check=check)
+    optimizer.norm_reducer = reducer
+    return reducer

@@ -5,11 +5,15 @@ parameter, in the same order, so unit ``i`` is full tensor ``i`` on every rank a
 norm is the sum of the slices' squared norms over the FSDP unit's process group (the shard
 group under ``HYBRID_SHARD``). ``use_orig_params=False`` hands the optimizer FlatParameters,
 whose memory would mix unrelated tensors: refused with the fix.
+
+The original parameters carry no link to their FSDP unit or its process group (only the
+``_fsdp_flattened`` mark), so the group comes from the wrapped model: :func:`attach` is needed,
+and a first step without it raises a ``ValueError`` that says so.
 """
 
 from __future__ import annotations
 
-import gc
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,12 +23,26 @@ from torch import nn
 
 from .reducer import Layout, ShardedNormReducer, TensorMap, Unit, group_key
 
+logger = logging.getLogger("hf_memopt.distributed")
+
 USE_ORIG_PARAMS_ERROR = (
     "hf_memopt: the optimizer was given FSDP1 FlatParameters (FullyShardedDataParallel with "
     "use_orig_params=False); a critical-gradient memory needs the original parameters. Wrap the model "
     "with FullyShardedDataParallel(..., use_orig_params=True) (accelerate: fsdp_use_orig_params: true; "
     "Trainer: fsdp_config={'use_orig_params': True}), or use FSDP2 (fully_shard)."
 )
+
+
+def attach_error(why_off: str = "") -> str:
+    """The error of a first step on FSDP1 original parameters without :func:`attach`."""
+    off = f" (sharding auto-detection is off: {why_off})" if why_off else ""
+    return (
+        "hf_memopt: the optimizer holds FSDP1 original parameters (FullyShardedDataParallel with "
+        f"use_orig_params=True) but no norm reducer{off}; the parameters do not say which process group "
+        "shards them, and shard-local norms would make the ranks diverge. Call "
+        "hf_memopt.distributed.fsdp1.attach(optimizer, model) with the FSDP-wrapped model before the first "
+        "step, or use FSDP2 (fully_shard), which needs no call."
+    )
 
 
 def is_flat_param(p: Any) -> bool:
@@ -37,20 +55,13 @@ def is_orig_param(p: Any) -> bool:
     return bool(getattr(p, "_fsdp_flattened", False)) and not is_flat_param(p)
 
 
-def _fsdp_modules(root: nn.Module | None) -> Iterable[Any]:
+def process_groups(params: Iterable[torch.Tensor], root: nn.Module) -> dict[int, Any]:
+    """``id(param)`` -> the process group that shards it, for the FSDP1 original parameters under ``root``."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    if root is not None:
-        return FSDP.fsdp_modules(root)
-    # No model given: the FSDP wrappers alive in this process (a one-time scan at the first step).
-    return [o for o in gc.get_objects() if isinstance(o, FSDP)]
-
-
-def process_groups(params: Iterable[torch.Tensor], root: nn.Module | None = None) -> dict[int, Any]:
-    """``id(param)`` -> the process group that shards it, for FSDP1 original parameters."""
     wanted = {id(p) for p in params}
     found: dict[int, Any] = {}
-    for module in _fsdp_modules(root):
+    for module in FSDP.fsdp_modules(root):
         handle = getattr(module, "_handle", None)
         flat = getattr(handle, "flat_param", None)
         for p in getattr(flat, "_params", None) or ():
@@ -70,8 +81,9 @@ class FSDP1Layout(Layout):
         for ui, (p, _si) in enumerate(units):
             if id(p) not in self._groups:
                 raise RuntimeError(
-                    "hf_memopt: a parameter of the optimizer is not managed by any FSDP module found; "
-                    "call hf_memopt.distributed.fsdp1.attach(optimizer, model) with the FSDP-wrapped model"
+                    "hf_memopt: a parameter of the optimizer is not managed by any FSDP module of the model "
+                    "given to hf_memopt.distributed.fsdp1.attach(optimizer, model); pass the FSDP-wrapped "
+                    "model that holds all of the optimizer's parameters"
                 )
             group = self._groups[id(p)]
             by_group.setdefault(group_key(group), (group, []))[1].append(ui)
@@ -86,21 +98,23 @@ class FSDP1Layout(Layout):
         )
 
 
-def layout_for(optimizer: Any, root: nn.Module | None = None) -> FSDP1Layout:
-    """The FSDP1 layout of ``optimizer``'s parameters (``root``: the wrapped model, else found in memory)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    return FSDP1Layout(process_groups(params, root))
-
-
 def attach(optimizer: Any, model: nn.Module, check: bool = False) -> ShardedNormReducer:
-    """Make ``optimizer`` exact under FSDP1 ``model`` (``use_orig_params=True``); returns the reducer.
+    """Make ``optimizer`` exact under the FSDP1 ``model`` (``use_orig_params=True``); returns the reducer.
 
-    Optional: the first step finds the FSDP modules by itself. Call it to skip that scan, or
-    when several FSDP models live in the process.
+    Required with FSDP1: call it after building the optimizer, before its first step (and again
+    after ``add_param_group``). ``model``: the FSDP-wrapped root that holds the optimizer's
+    parameters. ``check``: also run the rank-consistency check every step.
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if any(is_flat_param(p) for p in params):
         raise ValueError(USE_ORIG_PARAMS_ERROR)
-    reducer = ShardedNormReducer(optimizer, FSDP1Layout(process_groups(params, model)), check=check)
+    groups = process_groups(params, model)
+    reducer = ShardedNormReducer(optimizer, FSDP1Layout(groups), check=check)
     optimizer.norm_reducer = reducer
+    logger.info(
+        "%s: attached to FSDP1 (%d original parameters over %d process group(s))",
+        type(optimizer).__name__,
+        len(groups),
+        len({group_key(g) for g in groups.values()}),
+    )
     return reducer
