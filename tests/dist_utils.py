@@ -11,6 +11,7 @@ that rank's traceback.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 import sys
@@ -167,3 +168,26 @@ def reference_run(
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+class LogRecords(logging.Handler):
+    """Collects the messages of the ``hf_memopt.distributed`` logger at INFO and above (in a spawned rank)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        logger = logging.getLogger("hf_memopt.distributed")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc: Any) -> None:
+        logger = logging.getLogger("hf_memopt.distributed")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)

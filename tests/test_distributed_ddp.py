@@ -1,4 +1,5 @@
-"""DDP and torch's ZeroRedundancyOptimizer on 2 gloo ranks; the rank-consistency switch."""
+"""DDP and torch's ZeroRedundancyOptimizer on 2 gloo ranks; the rank-consistency switch; what the
+sharding auto-detection logs, and its off switch."""
 
 from __future__ import annotations
 
@@ -23,12 +24,19 @@ def _train(model: torch.nn.Module, opt: Any, rank: int, steps: int) -> None:
 
 
 def worker(rank: int, world_size: int) -> dict[str, Any]:
+    with du.LogRecords() as logs:
+        out = _scenarios(rank, world_size)
+    out["logs"] = logs
+    return out
+
+
+def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
     import os
 
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     from hf_memopt import MemoryAugmentedAdamW
-    from hf_memopt.distributed import RankDivergenceError
+    from hf_memopt.distributed import RankDivergenceError, zero
 
     out: dict[str, Any] = {"ddp": {}, "zero": {}}
     for key, agg, buf in du.PARITY_CONFIGS[::3]:
@@ -51,6 +59,8 @@ def worker(rank: int, world_size: int) -> dict[str, Any]:
             buffer_dtype=buf,
             **du.OPT_KW,
         )
+        if key == "group":  # the group sum spans tensors other ranks optimize: the explicit call
+            zero.attach(opt)
         _train(ddp, opt, rank, du.STEPS)
         params = {n: p.detach() for n, p in model.named_parameters()}
         out["zero"][(key, agg, buf)] = du.max_diff(params, du.reference_run(key, agg, buf, world_size))
@@ -74,6 +84,16 @@ def worker(rank: int, world_size: int) -> dict[str, Any]:
             out["check_raised"] = str(err)
     finally:
         del os.environ["HF_MEMOPT_CHECK_RANKS"]
+
+    # The off switch: plain DDP needs nothing either way, and the log says it was off.
+    os.environ["HF_MEMOPT_AUTO_SHARDING"] = "0"
+    try:
+        model = du.make_model()
+        opt = MemoryAugmentedAdamW(du.param_groups(model), **du.OPT_KW)
+        _train(_ddp(model), opt, rank, 1)
+        out["off_reducer"] = opt.norm_reducer
+    finally:
+        del os.environ["HF_MEMOPT_AUTO_SHARDING"]
     return out
 
 
@@ -104,3 +124,13 @@ def test_rank_check_is_silent_under_ddp_and_catches_divergence(results: list[dic
     assert results[0]["check_ddp"] == "ShardedNormReducer"
     assert results[0]["check_raised"] and "ranks disagree" in results[0]["check_raised"]
     assert results[1]["check_raised"] == results[0]["check_raised"]
+
+
+def test_auto_detection_logs_what_it_found_at_info(results: list[dict[str, Any]]) -> None:
+    for res in results:
+        logs = res["logs"]
+        assert any("replicated tensors (DDP): no norm reducer;" in m and "zero.attach" in m for m in logs), logs
+        assert any("attached to a ZeroRedundancyOptimizer" in m for m in logs), logs
+        assert any("rank-consistency check only" in m for m in logs), logs
+        assert any("auto-detection off: HF_MEMOPT_AUTO_SHARDING=0" in m for m in logs), logs
+        assert res["off_reducer"] is None

@@ -1,4 +1,5 @@
-"""FSDP1 (``FullyShardedDataParallel``) on 2 gloo ranks: use_orig_params=True exact, =False refused."""
+"""FSDP1 (``FullyShardedDataParallel``) on 2 gloo ranks: use_orig_params=True exact with
+``fsdp1.attach`` (refused without it, naming the call), =False refused."""
 
 from __future__ import annotations
 
@@ -55,22 +56,44 @@ def _copy_params(src: torch.nn.Module, dst: torch.nn.Module) -> None:
 
 
 def worker(rank: int, world_size: int) -> dict[str, Any]:
+    import os
+
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from hf_memopt import MemoryAugmentedAdamW
+    from hf_memopt.distributed import fsdp1
 
     out: dict[str, Any] = {"diff": {}}
-    for key, agg, buf in du.PARITY_CONFIGS:
+    with du.LogRecords() as logs:
+        for key, agg, buf in du.PARITY_CONFIGS:
+            model = _wrap(du.make_model())
+            opt = MemoryAugmentedAdamW(du.param_groups(model), key=key, aggregation=agg, buffer_dtype=buf, **du.OPT_KW)
+            fsdp1.attach(opt, model)
+            _train(model, opt, rank, range(du.STEPS))
+            out["diff"][(key, agg, buf)] = du.max_diff(_full(model), du.reference_run(key, agg, buf, world_size))
+            out["empty"] = sum(p.numel() == 0 for p in model.parameters())
+            out["layout"] = type(opt.norm_reducer.layout).__name__
+    out["logs"] = logs
+
+    # Without attach the parameters do not say which group shards them: the first step names the call,
+    # with auto-detection on or off.
+    for off in (False, True):
         model = _wrap(du.make_model())
-        opt = MemoryAugmentedAdamW(du.param_groups(model), key=key, aggregation=agg, buffer_dtype=buf, **du.OPT_KW)
-        _train(model, opt, rank, range(du.STEPS))
-        out["diff"][(key, agg, buf)] = du.max_diff(_full(model), du.reference_run(key, agg, buf, world_size))
-        out["empty"] = sum(p.numel() == 0 for p in model.parameters())
-        out["layout"] = type(opt.norm_reducer.layout).__name__
+        opt = MemoryAugmentedAdamW(du.param_groups(model), **du.OPT_KW)
+        if off:
+            os.environ["HF_MEMOPT_AUTO_SHARDING"] = "0"
+        try:
+            _train(model, opt, rank, range(1))
+            out[f"unattached_error_{off}"] = None
+        except ValueError as err:
+            out[f"unattached_error_{off}"] = str(err)
+        finally:
+            os.environ.pop("HF_MEMOPT_AUTO_SHARDING", None)
 
     # optim_state_dict / optim_state_dict_to_load round trip, then training goes on identically
     model = _wrap(du.make_model())
     opt = MemoryAugmentedAdamW(du.param_groups(model), **du.OPT_KW)
+    fsdp1.attach(opt, model)
     _train(model, opt, rank, range(5))
     saved = _osd(model, opt)
     _train(model, opt, rank, range(5, 9))
@@ -91,11 +114,13 @@ def worker(rank: int, world_size: int) -> dict[str, Any]:
     # the params at step 5 were overwritten by the later steps above: replay from the saved run instead
     model = _wrap(du.make_model())
     opt = MemoryAugmentedAdamW(du.param_groups(model), **du.OPT_KW)
+    fsdp1.attach(opt, model)
     _train(model, opt, rank, range(5))
     replay = _wrap(du.make_model(seed=1))
     _copy_params(model, replay)
     opt3 = MemoryAugmentedAdamW(du.param_groups(replay), **du.OPT_KW)
     opt3.load_state_dict(FSDP.optim_state_dict_to_load(replay, opt3, copy.deepcopy(saved)))
+    fsdp1.attach(opt3, replay)
     _train(replay, opt3, rank, range(5, 9))
     out["resume_diff"] = du.max_diff(_full(replay), expected)
 
@@ -103,6 +128,7 @@ def worker(rank: int, world_size: int) -> dict[str, Any]:
     # refused by FSDP.optim_state_dict itself (documented: use FSDP2 for bf16 memory)
     model = _wrap(du.make_model())
     opt = MemoryAugmentedAdamW(du.param_groups(model), buffer_dtype="bf16", **du.OPT_KW)
+    fsdp1.attach(opt, model)
     _train(model, opt, rank, range(1))
     try:
         _osd(model, opt)
@@ -139,6 +165,15 @@ def test_fsdp1_optim_state_dict_round_trip(results: list[dict[str, Any]]) -> Non
         assert {"memory_0", "memory_sum", "priority_0", "memory_count"} <= set(res["saved_keys"])
         assert res["same_state"]
         assert res["resume_diff"] < 1e-6
+
+
+def test_fsdp1_without_attach_names_the_call(results: list[dict[str, Any]]) -> None:
+    for res in results:
+        assert any("attached to FSDP1 (6 original parameters over 1 process group(s))" in m for m in res["logs"])
+        for off in (False, True):
+            assert "hf_memopt.distributed.fsdp1.attach(optimizer, model)" in res[f"unattached_error_{off}"]
+        assert "auto-detection is off: HF_MEMOPT_AUTO_SHARDING=0" in res["unattached_error_True"]
+        assert "auto-detection is off" not in res["unattached_error_False"]
 
 
 def test_fsdp1_flat_params_are_refused_with_the_fix(results: list[dict[str, Any]]) -> None:

@@ -36,8 +36,15 @@ def _train(model: torch.nn.Module, opt: Any, rank: int, steps: int) -> None:
 
 
 def parity_worker(rank: int, world_size: int) -> dict[str, Any]:
+    with du.LogRecords() as logs:
+        out = _parity(rank, world_size)
+    out["logs"] = logs
+    return out
+
+
+def _parity(rank: int, world_size: int) -> dict[str, Any]:
     from hf_memopt import MemoryAugmentedAdamW
-    from hf_memopt.distributed import RankDivergenceError, ShardedNormReducer
+    from hf_memopt.distributed import RankDivergenceError, ShardedNormReducer, dtensor
     from hf_memopt.distributed.dtensor import DTensorLayout
 
     out: dict[str, Any] = {"diff": {}}
@@ -71,6 +78,20 @@ def parity_worker(rank: int, world_size: int) -> dict[str, Any]:
         out["check_raised"] = None
     except RankDivergenceError as err:
         out["check_raised"] = str(err)
+
+    # Auto-detection off (the optimizer attribute): DTensors without the explicit call are refused with
+    # the call to make; with it the run is exact.
+    for attach in (False, True):
+        model = _shard(du.make_model())
+        opt = MemoryAugmentedAdamW(du.param_groups(model), **du.OPT_KW)
+        opt.auto_sharding = False
+        if attach:
+            dtensor.attach(opt)
+        try:
+            _train(model, opt, rank, du.STEPS)
+            out[f"off_{attach}"] = du.max_diff(_full(model), du.reference_run("group", "mean", "fp32", world_size))
+        except ValueError as err:
+            out[f"off_{attach}"] = str(err)
     return out
 
 
@@ -85,6 +106,14 @@ def test_fsdp2_matches_unsharded(parity: list[dict[str, Any]], config: tuple[str
     assert parity[0]["empty_shard"] or parity[1]["empty_shard"]
     for rank in range(2):
         assert parity[rank]["diff"][config] < 1e-6, (rank, parity[rank]["diff"][config])
+
+
+def test_fsdp2_auto_detection_logs_and_can_be_switched_off(parity: list[dict[str, Any]]) -> None:
+    for res in parity:
+        assert any("DTensor parameters (FSDP2/tensor parallel)" in m for m in res["logs"]), res["logs"]
+        assert "hf_memopt.distributed.dtensor.attach(optimizer)" in res["off_False"]
+        assert "optimizer.auto_sharding = False" in res["off_False"]
+        assert res["off_True"] < 1e-6
 
 
 def test_shard_local_norms_diverge_and_are_caught(parity: list[dict[str, Any]]) -> None:

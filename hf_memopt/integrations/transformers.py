@@ -11,7 +11,9 @@ places, all checked first (:func:`check_transformers_internals`):
    ``training_args.bin`` loads in a process that never imported hf_memopt.
 2. ``Trainer.get_optimizer_cls_and_kwargs`` (public static method, called by
    ``Trainer.create_optimizer``) is wrapped: our names are answered here, any other name
-   goes to the original.
+   goes to the original. ``Trainer.create_scheduler`` (which runs right after
+   ``accelerator.prepare``) is wrapped too: under DeepSpeed it binds the ZeRO partitions to a
+   memopt client optimizer (``hf_memopt.distributed.deepspeed.bind_prepared``).
 3. Since transformers 5.2 the original looks names up in the private table
    ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``; our names are added there too,
    so code that calls the table (or the unwrapped original) also finds them.
@@ -216,6 +218,8 @@ def _check_trainer_internals(trainer_cls: Any) -> None:
             create_source = None
     if create_source is not None and "get_optimizer_cls_and_kwargs" not in create_source:
         raise _incompatible("Trainer.create_optimizer no longer calls get_optimizer_cls_and_kwargs")
+    if not callable(getattr(trainer_cls, "create_scheduler", None)):
+        raise _incompatible("Trainer.create_scheduler is missing")
 
     table_module = _trainer_optimizer_module()
     if table_module is not None:
@@ -258,6 +262,29 @@ def _wrap_get_optimizer_cls_and_kwargs(trainer_cls: type) -> None:
 
     setattr(get_optimizer_cls_and_kwargs_with_memopt, _MARK, True)
     trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs_with_memopt)
+
+
+def _wrap_create_scheduler(trainer_cls: type) -> None:
+    """Bind DeepSpeed's partitions to a memopt client optimizer right after ``accelerator.prepare``.
+
+    ``Trainer`` creates the scheduler just after preparing the model and optimizer, and before it
+    loads a checkpoint: the point where ``hf_memopt.distributed.deepspeed.bind`` must run.
+    """
+    original = trainer_cls.create_scheduler
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def create_scheduler_then_bind(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        if getattr(self, "is_deepspeed_enabled", False):
+            from ..distributed.deepspeed import bind_prepared
+
+            bind_prepared(self.optimizer)
+        return result
+
+    setattr(create_scheduler_then_bind, _MARK, True)
+    trainer_cls.create_scheduler = create_scheduler_then_bind
 
 
 def _wrap_training_args(args_cls: type) -> None:
@@ -380,6 +407,7 @@ def register_trainer(trainer_module: Any = None) -> None:
         from transformers.training_args import OptimizerNames
 
         _wrap_get_optimizer_cls_and_kwargs(trainer_cls)
+        _wrap_create_scheduler(trainer_cls)
         table_module = _trainer_optimizer_module()
         table = getattr(table_module, "_OPTIMIZER_HANDLERS", None) if table_module is not None else None
         if table is not None:
