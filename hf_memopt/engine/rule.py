@@ -99,7 +99,8 @@ def decide(
     """
     n = count
     cg, cs = coefficients(n, cfg.kappa, cfg.aggregation)
-    k32 = k.astype(np.float32)  # reduced in fp64, rounded to fp32 before the finiteness test
+    with np.errstate(over="ignore"):  # past fp32's range k becomes inf: not stored, as SPEC says
+        k32 = k.astype(np.float32)  # reduced in fp64, rounded to fp32 before the finiteness test
     storable = np.isfinite(k32)
     if castable is not None:
         storable &= castable
