@@ -41,8 +41,9 @@ NOT_BOUND_WARNING = (
     "to their model tensors: each rank takes its priorities from its own partition slices, not from whole "
     "tensors, so the run is not the unsharded one. Call hf_memopt.distributed.deepspeed.bind(engine) right "
     "after deepspeed.initialize (accelerate: bind(optimizer) after accelerator.prepare), before loading a "
-    "checkpoint and before the first step. (Not DeepSpeed partitions? Then set optimizer.auto_sharding = "
-    "False, or bind the real layout.)"
+    "checkpoint and before the first step. (Not DeepSpeed partitions? This fires for tensors with a ds_id, "
+    "and for plain non-Parameter tensors while DeepSpeed is imported in a distributed run; wrap them in "
+    "torch.nn.Parameter.)"
 )
 
 UNBOUND_WARNING = (
