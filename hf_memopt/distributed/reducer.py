@@ -146,7 +146,7 @@ def _backend_device() -> torch.device:
 
 
 class ShardedNormReducer:
-    """The ``optimizer.norm_reducer`` of a sharded layout (see :class:`hf_memopt.memory.NormReducer`).
+    """The ``optimizer.norm_reducer`` of a sharded layout (see :class:`hf_memopt.engine.state.NormReducer`).
 
     Args:
         optimizer: the memory-augmented optimizer (held weakly; read for groups, keys and the ledgers).
