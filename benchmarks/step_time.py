@@ -5,6 +5,8 @@
     python benchmarks/step_time.py --admit rarely           # gradients that the memory rejects
     python benchmarks/step_time.py --norms --topc 10        # + the norm pass timed alone
     python benchmarks/step_time.py --key tensor             # one priority per tensor (default: per group)
+    python benchmarks/step_time.py --executor torch         # force an executor (default: auto)
+    python benchmarks/step_time.py --model gpt2-124m --profile-ops   # ops launched per step, per executor
 
 Times ``optimizer.step()`` alone (gradients are fixed tensors), median over ``--steps`` steps
 after warm-up, with torch's intra-op threads at ``--threads``. Each row is timed in alternating
@@ -23,9 +25,12 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hf_memopt
-from hf_memopt._kernels import load as load_kernel
+from hf_memopt.engine import norms
+from hf_memopt.engine.executors.cpu_kernel import load as load_kernel
+from hf_memopt.engine.state import tensor_bytes
 
 MODELS = {
     # name: (vocab, positions, n_embd, n_layer)
@@ -88,12 +93,69 @@ def paired(factory, ref_factory, shapes, device, args) -> tuple[float, float, in
 
 
 def state_bytes(opt) -> int:
-    total = 0
-    for st in opt.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                total += v.numel() * v.element_size()
-    return total
+    return sum(tensor_bytes(st.values()) for st in opt.state.values())
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops that launch work (views and metadata ops launch nothing on a device), and the
+    device-to-host copies among them."""
+
+    FREE = ("view", "alias", "detach", "_unsafe_view", "as_strided", "narrow", "slice", "select", "lift_fresh")
+    FREE += ("_record_function_enter_new", "_record_function_exit")  # profiler markers
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.FREE:
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def profile_ops(shapes: list[tuple[int, ...]], args) -> None:
+    """Ops launched by one admitting step, per executor, for the model's tensors and for twice as many.
+
+    The count depends on the number of tensors, not on their sizes: each dimension is capped at 64 so
+    that this runs in seconds on any machine.
+    """
+    small = [tuple(min(d, 64) for d in s) for s in shapes]
+    configs = [
+        ("torch AdamW fused", lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)),
+        ("torch AdamW foreach", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True)),
+        (
+            "memopt_adamw torch, fused",
+            lambda p: hf_memopt.MemoryAugmentedAdamW(p, topc=3, executor="torch", fused=True),
+        ),
+        (
+            "memopt_adamw torch, foreach",
+            lambda p: hf_memopt.MemoryAugmentedAdamW(p, topc=3, executor="torch", foreach=True),
+        ),
+    ]
+    if load_kernel() is not None:
+        configs.append(("memopt_adamw cpu", lambda p: hf_memopt.MemoryAugmentedAdamW(p, topc=3, executor="cpu")))
+    # On CPU the "torch" executor shares the kernel's norm pass; every other device takes foreach norms.
+    gpu_like = ("memopt_adamw torch, fused, foreach norms (the path of non-CPU devices)", configs[2][1])
+    configs.append(gpu_like)
+    print(f"| optimizer | ops/step, {len(small)} tensors | ops/step, {2 * len(small)} tensors | most frequent ops |")
+    print("|---|---:|---:|---|")
+    for label, factory in configs:
+        counts = []
+        if label == gpu_like[0]:
+            norms._kernel_takes = lambda views: False  # what local_sq_norms does off the CPU
+        for layout in (small, small + small):
+            params, grads = make(layout, torch.device(args.device))
+            opt = factory(params)
+            for t in range(4):  # past the fill: every later step admits by eviction (growing norms)
+                for p, g in zip(params, grads):
+                    p.grad = g * (t + 1)
+                opt.step()
+            with CountOps() as mode:
+                opt.step()
+            counts.append(mode.ops)
+        top = ", ".join(f"{n} {k}" for k, n in sorted(counts[0].items(), key=lambda kv: -kv[1])[:4])
+        print(f"| {label} | {sum(counts[0].values())} | {sum(counts[1].values())} | {top} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--admit", choices=["always", "rarely"], default="always")
     ap.add_argument("--key", choices=["group", "tensor"], default="group", help="hf_memopt's priority key")
+    ap.add_argument("--executor", choices=["auto", "torch", "cpu"], default="auto", help="hf_memopt's executor")
+    ap.add_argument("--profile-ops", action="store_true", help="count the ops one step launches, per executor")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument(
         "--norms",
@@ -125,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
         f"CPU kernel {'on' if load_kernel() is not None else 'off'}",
         flush=True,
     )
+    if args.profile_ops:
+        profile_ops(shapes, args)
+        return
     rows = []
     fused = device.type in ("cpu", "cuda")
 
@@ -149,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             run(
                 f"memopt_adamw topc={c} {bd}",
                 lambda p, c=c, bd=bd: hf_memopt.MemoryAugmentedAdamW(
-                    p, lr=1e-3, topc=c, decay=0.7, buffer_dtype=bd, key=args.key
+                    p, lr=1e-3, topc=c, decay=0.7, buffer_dtype=bd, key=args.key, executor=args.executor
                 ),
                 words,
             )
@@ -160,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.norms:
         import numpy as np
 
-        from hf_memopt._kernels import sq_norms
+        from hf_memopt.engine.executors.cpu_kernel import sq_norms
 
         _, grads = make(shapes, device)
         ptrs, numels = np.array([g.data_ptr() for g in grads]), np.array([g.numel() for g in grads])
