@@ -5,6 +5,7 @@ ICLR 2022, arXiv:2106.10708.
 """
 
 from .config import MemoryConfig
+from .engine.checkpoint import without_memory
 from .estimate import estimate_memory
 from .optim import (
     MemoryAugmentedAdam,
@@ -25,6 +26,7 @@ __all__ = [
     "MemoryConfig",
     "__version__",
     "estimate_memory",
+    "without_memory",
 ]
 
 # Last, once the optimizers exist: register optim="memopt_*" with transformers when (and if)

@@ -148,3 +148,122 @@ def test_loaded_state_is_not_shared_with_the_state_dict():
         opt2.step()
     for k in ("priority_0", "priority_1", "memory_count"):
         assert torch.equal(sd["state"][0][k], before[k]), k
+
+
+def test_a_checkpoint_with_another_topc_is_refused_and_changes_nothing():
+    """A topc=4 memory loaded into a topc=2 optimizer: ValueError naming topc and both values, and the
+    optimizer keeps its own settings and state (it used to take topc=4 silently and train on)."""
+    params = make_params()
+    saver = hf_memopt.MemoryAugmentedAdamW(params, topc=4)
+    for g in gradient_stream(3):
+        set_grads(params, g)
+        saver.step()
+    fresh = [p.detach().clone().requires_grad_() for p in params]
+    opt = hf_memopt.MemoryAugmentedAdamW(fresh, topc=2)
+    for g in gradient_stream(1):
+        set_grads(fresh, g)
+        opt.step()
+    before = {k: v.clone() for k, v in opt.state[fresh[0]].items()}
+    with pytest.raises(ValueError, match=r"param group 0 has topc=4, but this optimizer's has topc=2"):
+        opt.load_state_dict(saver.state_dict())
+    assert opt.param_groups[0]["topc"] == 2
+    for k, v in before.items():
+        assert torch.equal(opt.state[fresh[0]][k], v), k
+    # the way out the message names: load without the memory, start an empty one of the new size
+    with pytest.warns(UserWarning, match="no critical-gradient memory"):
+        opt.load_state_dict(hf_memopt.without_memory(saver.state_dict()))
+    assert opt.param_groups[0]["topc"] == 2
+
+
+PAIRS = [
+    (torch.optim.AdamW, hf_memopt.MemoryAugmentedAdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    (torch.optim.Adam, hf_memopt.MemoryAugmentedAdam, dict(lr=1e-2, weight_decay=0.1)),
+    (torch.optim.SGD, hf_memopt.MemoryAugmentedSGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    (torch.optim.RMSprop, hf_memopt.MemoryAugmentedRMSprop, dict(lr=1e-3, momentum=0.5, centered=True)),
+]
+
+
+@pytest.mark.parametrize("torch_cls,cls,kwargs", PAIRS, ids=lambda x: getattr(x, "__name__", ""))
+def test_a_plain_torch_checkpoint_continues_with_an_empty_memory(torch_cls, cls, kwargs):
+    """Switching from torch's optimizer mid-training: the base state carries over, the memory starts empty
+    (one warning) with the new optimizer's own settings. With an empty memory the first step is the base
+    optimizer's own step, so it must equal torch's next step from the same state."""
+    stream = list(gradient_stream(5, skip_every=0))
+    params = make_params()
+    plain = torch_cls(params, **kwargs)
+    for g in stream[:4]:
+        set_grads(params, g)
+        plain.step()
+    saved = save_load(plain.state_dict())
+    resumed = [p.detach().clone().requires_grad_() for p in params]
+    set_grads(params, stream[4])
+    plain.step()
+
+    opt = cls(resumed, topc=3, decay=0.9, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.load_state_dict(saved)
+    memory_warnings = [w for w in caught if "no critical-gradient memory" in str(w.message)]
+    assert len(memory_warnings) == 1
+    group = opt.param_groups[0]
+    assert (group["topc"], group["decay"]) == (3, 0.9)
+    set_grads(resumed, stream[4])
+    opt.step()
+    for p, q in zip(params, resumed):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    assert all(int(opt.state[q]["memory_count"]) == 1 for q in resumed)
+
+
+def test_save_memory_false_writes_the_base_checkpoint_only():
+    params = make_params()
+    opt = hf_memopt.MemoryAugmentedAdamW(params, topc=4, save_memory=False)
+    for g in gradient_stream(3):
+        set_grads(params, g)
+        opt.step()
+    sd = save_load(opt.state_dict())
+    assert all(not any(hf_memopt.engine.state.is_memory_key(k) for k in s) for s in sd["state"].values())
+    assert "topc" not in sd["param_groups"][0]
+    assert opt.state[params[0]]["memory_count"] > 0  # the running optimizer keeps its memory
+    torch.optim.AdamW([p.detach().clone() for p in params]).load_state_dict(sd)  # torch reads it as its own
+    fresh = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = hf_memopt.MemoryAugmentedAdamW(fresh, topc=4)
+    with pytest.warns(UserWarning, match="no critical-gradient memory"):
+        opt2.load_state_dict(sd)
+    for a, b in zip(params, fresh):
+        assert torch.equal(opt.state[a]["exp_avg"], opt2.state[b]["exp_avg"])
+    with pytest.raises(ValueError, match="save_memory must be True or False"):
+        hf_memopt.MemoryAugmentedAdamW(params, save_memory="no")
+
+
+@pytest.mark.parametrize("first,second", [("cpu", "torch"), ("torch", "cpu")])
+def test_a_checkpoint_continues_on_another_executor(first, second):
+    """Written under one executor, resumed under the other: the same decisions and memory as a run that
+    never left the first executor (priorities bit for bit: both use the kernel's fp64 norms on CPU)."""
+    from hf_memopt.engine.executors import cpu_kernel
+
+    if cpu_kernel.load() is None:
+        pytest.skip("no C compiler here")
+    grads = list(gradient_stream(14))
+    params = make_params()
+    opt = hf_memopt.MemoryAugmentedAdamW(params, topc=3, decay=0.8, buffer_dtype="bf16", executor=first)
+    for g in grads[:7]:
+        set_grads(params, g)
+        opt.step()
+    saved = save_load(opt.state_dict())
+    saved_params = [p.detach().clone() for p in params]
+    for g in grads[7:]:
+        set_grads(params, g)
+        opt.step()
+    resumed = [p.clone().requires_grad_() for p in saved_params]
+    opt2 = hf_memopt.MemoryAugmentedAdamW(resumed, topc=3, decay=0.8, buffer_dtype="bf16", executor=second)
+    opt2.load_state_dict(saved)
+    for g in grads[7:]:
+        set_grads(resumed, g)
+        opt2.step()
+    assert opt2.executor_for(0) == second
+    for p, q in zip(params, resumed):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        for k, v in opt.state[p].items():
+            if k.startswith(("memory_", "priority_", "stored_at_")) and k != "memory_sum":
+                assert torch.equal(v, opt2.state[q][k]), k
+        torch.testing.assert_close(opt2.state[q]["memory_sum"], opt.state[p]["memory_sum"], rtol=1e-6, atol=1e-7)
