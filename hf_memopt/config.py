@@ -47,10 +47,8 @@ def parse_buffer_dtype(value: Any) -> torch.dtype | None:
     raise ValueError(f"buffer_dtype must be {BUFFER_DTYPE_CHOICES}; got {value!r}")
 
 
-def dtype_name(dtype: torch.dtype | None) -> str:
-    """Short name used in logs and model cards (``None`` -> ``"param"``)."""
-    if dtype is None:
-        return "param"
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a buffer dtype (``"bf16"``, ``"fp16"``, ``"fp32"``), as ``optim_args`` and cards write it."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 

@@ -28,7 +28,6 @@ from torch import Tensor
 
 from ..config import MemoryConfig
 
-_SCALAR_KEYS = ("priority_", "stored_at_")
 _FIXED_KEYS = ("memory_sum", "memory_count", "memory_clock")
 
 
