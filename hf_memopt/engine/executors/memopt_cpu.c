@@ -6,7 +6,7 @@
  * that a few pthreads take from an atomic counter (one thread creation per step, not per tensor).
  *
  * The arithmetic mirrors torch's single-tensor AdamW/Adam in fp32 with fp32 scalars; the memory
- * update mirrors hf_memopt.memory.admit: S = (S - evicted) + stored, stored = g rounded to the slot
+ * update mirrors the "torch" executor's admission: S = (S - evicted) + stored, stored = g rounded to the slot
  * dtype (bf16 with round-to-nearest-even, as c10::BFloat16).
  */
 #include <math.h>
@@ -314,8 +314,9 @@ int memopt_sq_norms(int64_t n_units, const int64_t *ptrs, const int64_t *numels,
 /* ---- The whole step in one call: norms, decisions, update, bookkeeping --------------------------
  *
  * For units that need no collective (one process, whole tensors), memopt_adam_fused runs what
- * hf_memopt.optim.base does around memopt_adam_step, with the same arithmetic as the Python engine
- * (hf_memopt.memory: decide, commit; torch's Adam for the step counter and bias corrections):
+ * the host-decision mode does around memopt_adam_step, with the same arithmetic as the Python engine
+ * (hf_memopt.engine.rule: priorities, coefficients, decide, commit; torch's Adam for the step counter and
+ * bias corrections), transcribed here:
  *   1. the fp64 squared norm of every gradient (parallel, as memopt_sq_norms);
  *   2. priorities (own norm, or the sum of the group's norms in unit order), then each unit's
  *      aggregation coefficients and admission decision from its ledger row as it stands;
