@@ -267,3 +267,26 @@ def test_a_checkpoint_continues_on_another_executor(first, second):
             if k.startswith(("memory_", "priority_", "stored_at_")) and k != "memory_sum":
                 assert torch.equal(v, opt2.state[q][k]), k
         torch.testing.assert_close(opt2.state[q]["memory_sum"], opt.state[p]["memory_sum"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["MemoryAugmentedAdamW", "MemoryAugmentedSGD"])
+def test_a_checkpoint_written_by_the_previous_release_continues(name):
+    """``tests/data/checkpoint_dc1e69c.pt`` was written by the code of main at dc1e69c (before the engine
+    and executors): its state dict after 6 steps and its own parameters after 6 more. Loaded here, the
+    same 6 steps give the same parameters: bit for bit on the "cpu" executor (the same kernel), to the
+    rounding of one fused multiply-add on the "torch" executor (the old eager path computed g*cg + S*cs
+    with an FMA, the multi-tensor path rounds the two products as the kernel does)."""
+    from pathlib import Path
+
+    saved = torch.load(Path(__file__).with_name("data") / "checkpoint_dc1e69c.pt", weights_only=True)[name]
+    params = [p.clone().requires_grad_() for p in saved["params_at_6"]]
+    opt = getattr(hf_memopt, name)(params, topc=3, decay=0.8, **saved["kwargs"])
+    opt.load_state_dict(saved["state_dict"])
+    for g in list(gradient_stream(12))[6:]:
+        set_grads(params, g)
+        opt.step()
+    for p, q in zip(params, saved["params_at_12"]):
+        if opt.executor_for(0) == "cpu":
+            assert torch.equal(p.detach(), q)
+        else:
+            torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-6)

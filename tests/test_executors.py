@@ -220,3 +220,19 @@ def test_the_memory_launches_as_many_ops_for_many_tensors_as_for_few(flags):
     many = _ops_per_step(48, True, **flags) - _ops_per_step(48, False, **flags)
     assert few == many, (few, many)
     assert few <= 20
+
+
+@pytest.mark.skipif(not KERNEL, reason="no C compiler here")
+def test_a_kernel_whose_tables_are_laid_out_differently_is_refused(monkeypatch):
+    """The columns are named once, in the C source; the loader compares them with what it fills."""
+    assert cpu_kernel.load().memopt_layout().decode() == cpu_kernel.COLUMNS.layout()
+    swapped = cpu_kernel.Table("GRAD", "PARAM", *cpu_kernel.COLUMNS.step_ptrs.names[2:])
+    monkeypatch.setattr(cpu_kernel.COLUMNS, "step_ptrs", swapped)
+    cpu_kernel.load.cache_clear()
+    try:
+        with pytest.raises(cpu_kernel.LayoutMismatchError, match="step_ptrs:PARAM,GRAD,"):
+            cpu_kernel.load()
+    finally:
+        monkeypatch.undo()
+        cpu_kernel.load.cache_clear()
+    assert cpu_kernel.load() is not None
