@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 from test_transformers_fixtures import ClassificationData, inner_optimizer, one_torch_thread, tiny_bert, training_args  # noqa: F401 (fixture)
 from transformers import Trainer
 
+from hf_memopt.integrations.model_card import executors
 from hf_memopt.trainer import LOG_PREFIX, MemOptTrainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -108,3 +110,39 @@ def test_plain_trainer_tags_the_model(tmp_path):
     trainer.train()
     # Trainer.push_to_hub, PreTrainedModel.push_to_hub, PEFT and TRL put these in their cards.
     assert {"hf_memopt", "memopt_rmsprop"} <= set(model.model_tags)
+
+
+def test_optimizer_state_size_is_logged_once_after_the_first_step(tmp_path, caplog):
+    trainer = make(tmp_path, optim="memopt_adamw", optim_args="topc=3", max_steps=3, logging_steps=2)
+    with caplog.at_level(logging.INFO, logger="hf_memopt.trainer"):
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if r.name == "hf_memopt.trainer"]
+    assert len(lines) == 1 and lines[0].startswith("Optimizer state after the first step: ")
+    sized = [e for e in trainer.state.log_history if LOG_PREFIX + "state_bytes" in e and "loss" not in e]
+    assert [e["step"] for e in sized] == [1]
+    numel = sum(p.numel() for p in trainer.model.parameters())
+    # After one step: AdamW's two fp32 moments plus one stored fp32 gradient and the running sum.
+    assert sized[0][LOG_PREFIX + "memory_bytes"] == (3 + 1) * 4 * numel
+    assert sized[0][LOG_PREFIX + "state_bytes"] == sized[0][LOG_PREFIX + "memory_bytes"] + 2 * 4 * numel
+    # The size check does not take the admissions away from the first logging step.
+    first_log = next(e for e in trainer.state.log_history if "loss" in e)
+    assert first_log[LOG_PREFIX + "admissions"] == 2 * len(list(trainer.model.parameters()))
+
+
+def test_model_card_names_the_executor_of_each_param_group(tmp_path):
+    trainer = make(tmp_path, optim="memopt_adamw", max_steps=1)
+    trainer.train()
+    optimizer = inner_optimizer(trainer)
+    if getattr(optimizer, "executor_for", None) is None:
+        # Optimizers that do not say which executor ran a group get no such lines.
+        assert executors(optimizer) == []
+        trainer.create_model_card()
+        assert "Executor that ran each param group" not in card_of(tmp_path)[1]
+        return
+    trainer.create_model_card()
+    body = card_of(tmp_path)[1]
+    groups = [g for g in optimizer.param_groups if g["params"]]
+    lines = [line for line in body.splitlines() if line.startswith("- param group ")]
+    assert len(lines) == len(groups)
+    for line, group in zip(lines, groups):
+        assert line.endswith(f": {optimizer.executor_for(group)}")

@@ -81,7 +81,7 @@ def test_optim_args_none_resolves_to_defaults(tmp_path):
     args = training_args(tmp_path, optim="memopt_adamw")
     assert args.optim_args == (
         "topc=10,decay=0.7,kappa=1.0,aggregation=mean,key=group,buffer_dtype=None,"
-        "amsgrad=False,maximize=False,foreach=None,fused=None"
+        "amsgrad=False,maximize=False,foreach=None,fused=None,save_memory=True"
     )
 
 
@@ -142,3 +142,26 @@ def test_set_optimizer_after_deepspeed_config_is_checked_too(tmp_path):
     args.deepspeed = DS_WITH_OPTIMIZER  # as if given at construction with another optim
     with pytest.raises(ValueError, match="'optimizer' section"):
         args.set_optimizer(name="memopt_adamw")
+
+
+@pytest.mark.parametrize("name", MEMOPT_NAMES)
+def test_save_memory_is_parsed_strictly_and_shown(tmp_path, name):
+    assert resolve_optim_args(name, None).values()["save_memory"] is True
+    resolved = resolve_optim_args(name, "save_memory=false,topc=2")
+    assert resolved.values()["save_memory"] is False and resolved.constructor_kwargs()["save_memory"] is False
+    assert "save_memory=False" in resolved.to_optim_args()
+    assert resolve_optim_args(name, "save_memory=true").constructor_kwargs()["save_memory"] is True
+    with pytest.raises(ValueError, match="save_memory must be true or false; got 'maybe'"):
+        resolve_optim_args(name, "save_memory=maybe")
+
+
+def test_save_memory_false_reaches_the_optimizer_and_its_checkpoints(tmp_path):
+    args = training_args(tmp_path, optim="memopt_adamw", optim_args="topc=2,save_memory=false")
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert kwargs["save_memory"] is False
+    p = torch.nn.Parameter(torch.ones(4))
+    optimizer = cls([p], **kwargs)
+    p.grad = torch.ones(4)
+    optimizer.step()
+    saved = optimizer.state_dict()["state"][0]
+    assert "exp_avg" in saved and not any(key.startswith("memory_") for key in saved)

@@ -66,6 +66,41 @@ def _fmt(values: Iterable[Any]) -> str:
     return " / ".join(format_value(v) for v in values)
 
 
+def _resolved_or_none(spec: OptimizerSpec, args: Any) -> dict[str, Any] | None:
+    """``args.optim_args`` resolved for ``spec``, or None when they belong to another optimizer."""
+    if optim_name(getattr(args, "optim", None)) != spec.name:
+        return None
+    try:
+        return resolve_optim_args(spec.name, getattr(args, "optim_args", None)).values()
+    except ValueError:
+        return None
+
+
+def executors(optimizer: Any) -> list[str]:
+    """One line per non-empty param group naming the executor that ran it, if the optimizer says.
+
+    Read defensively: ``optimizer.executor_for(group)`` exists only on optimizers that choose an executor
+    per group, and returns None before the group's first step.
+    """
+    executor_for = getattr(optimizer, "executor_for", None)
+    if not callable(executor_for):
+        return []
+    lines = []
+    for index, group in enumerate(optimizer.param_groups):
+        if not group["params"]:
+            continue
+        try:
+            executor = executor_for(group)
+        except Exception as err:  # a card is a report: say what happened rather than fail the run
+            executor = f"unknown ({type(err).__name__}: {err})"
+        elements = sum(p.numel() for p in group["params"])
+        lines.append(
+            f"- param group {index} ({len(group['params'])} tensors, {elements:,} elements): "
+            f"{executor if executor is not None else 'not run yet (no step taken)'}"
+        )
+    return lines
+
+
 def hyperparameters(args: Any, optimizer: Any = None) -> dict[str, str]:
     """Every hyperparameter of the memopt optimizer used with ``args``, as display strings.
 
@@ -87,8 +122,14 @@ def hyperparameters(args: Any, optimizer: Any = None) -> dict[str, str]:
         rows["eps"] = format_value(args.adam_epsilon)
     rows["weight_decay"] = f"{args.weight_decay} (0.0 for biases and normalization weights)"
     if inner is not None:
+        resolved = _resolved_or_none(spec, args)
         for key in spec.options:
-            rows[key] = _fmt(_group_values(inner, key))
+            values = _group_values(inner, key)
+            if not values and hasattr(inner, key):  # an optimizer-wide setting such as save_memory
+                values = [getattr(inner, key)]
+            if not values and resolved is not None:
+                values = [resolved[key]]
+            rows[key] = _fmt(values)
     else:
         for key, value in resolve_optim_args(spec.name, args.optim_args).values().items():
             rows[key] = format_value(value)
@@ -101,7 +142,8 @@ def hyperparameters(args: Any, optimizer: Any = None) -> dict[str, str]:
     return rows
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """``n`` bytes as B, KiB, MiB, GiB or TiB."""
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
@@ -161,13 +203,16 @@ def optimizer_section(args: Any, optimizer: Any = None) -> str:
     if inner is not None and inner.state:
         total, memory, elements = state_bytes(inner)
         lines.append(
-            f"Optimizer state after training: {_human(total)} ({total:,} bytes) on this process for "
-            f"{elements:,} trainable parameter elements: the gradient memory takes {_human(memory)} "
-            f"({memory:,} bytes), the {spec.torch_counterpart} state {_human(total - memory)} "
+            f"Optimizer state after training: {human_bytes(total)} ({total:,} bytes) on this process for "
+            f"{elements:,} trainable parameter elements: the gradient memory takes {human_bytes(memory)} "
+            f"({memory:,} bytes), the {spec.torch_counterpart} state {human_bytes(total - memory)} "
             f"({total - memory:,} bytes)."
         )
     else:
         lines.append("Optimizer state: not measured (the optimizer had not taken a step when this card was written).")
+    executor_lines = executors(inner) if inner is not None else []
+    if executor_lines:
+        lines += ["", "Executor that ran each param group:", "", *executor_lines]
     lines += ["", "#### Citation", "", "```bibtex", BIBTEX, "```", END]
     return "\n".join(lines) + "\n"
 

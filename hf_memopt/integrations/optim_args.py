@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..config import AGGREGATIONS, KEYS, MEMORY_ARG_NAMES, MemoryConfig, parse_buffer_dtype
+from ..config import AGGREGATIONS, KEYS, MEMORY_ARG_NAMES, MemoryConfig, dtype_name, parse_buffer_dtype
 
 #: Keys the Trainer takes from ``TrainingArguments`` fields, never from ``optim_args``
 #: (as for ``adamw_torch``): a value here would be ignored or fight the field.
@@ -126,6 +126,10 @@ _MAXIMIZE = Option(_parse_bool, False, "true | false")
 _FOREACH = Option(_parse_optional_bool, None, "true | false | none (torch picks)")
 _FUSED = Option(_parse_optional_bool, None, "true | false | none (torch picks)")
 _MOMENTUM = Option(_non_negative, 0.0, "number >= 0")
+#: Not a hyperparameter of the update: whether ``state_dict()`` (so ``optimizer.pt`` in Trainer checkpoints)
+#: carries the gradient memory. ``false``: checkpoints of about the size of the torch optimizer's; resuming
+#: from one warns and starts with empty memory.
+_SAVE_MEMORY = Option(_parse_bool, True, "true | false: keep the gradient memory in checkpoints")
 
 
 @dataclass(frozen=True)
@@ -149,10 +153,10 @@ class OptimizerSpec:
 
     @property
     def options(self) -> dict[str, Option]:
-        """Every key ``optim_args`` accepts for this optimizer, memory keys first."""
+        """Every key ``optim_args`` accepts for this optimizer, memory keys first, ``save_memory`` last."""
         memory = dict(_MEMORY_OPTIONS)
         memory["aggregation"] = Option(memory["aggregation"].parse, self.default_aggregation, memory["aggregation"].doc)
-        return {**memory, **self.base_options}
+        return {**memory, **self.base_options, "save_memory": _SAVE_MEMORY}
 
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
         """The optimizer class (imported on first use: ``hf_memopt`` imports this module)."""
@@ -234,11 +238,13 @@ class ResolvedOptimArgs:
     spec: OptimizerSpec
     memory: MemoryConfig
     base: dict[str, Any]
+    save_memory: bool = True
 
     def constructor_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the optimizer class (besides lr/betas/eps/weight_decay)."""
         # the typed values (buffer_dtype as a torch.dtype), not the param-group form
-        return {**{name: getattr(self.memory, name) for name in MEMORY_ARG_NAMES}, **self.base}
+        memory = {name: getattr(self.memory, name) for name in MEMORY_ARG_NAMES}
+        return {**memory, **self.base, "save_memory": self.save_memory}
 
     def values(self) -> dict[str, Any]:
         """Every key with its resolved value, in the documented order."""
@@ -255,7 +261,7 @@ def format_value(value: Any) -> str:
     if value is None:
         return "None"
     if isinstance(value, torch.dtype):
-        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[value]
+        return dtype_name(value)
     if isinstance(value, float):
         return repr(value)
     return str(value)
@@ -317,4 +323,4 @@ def resolve_optim_args(optim: Any, optim_args: str | Mapping[str, str] | None) -
     except ValueError as err:
         raise ValueError(f"optim_args: {err}") from None
     base = {key: values[key] for key in spec.base_options}
-    return ResolvedOptimArgs(spec, memory, base)
+    return ResolvedOptimArgs(spec, memory, base, save_memory=values["save_memory"])
