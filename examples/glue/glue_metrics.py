@@ -14,6 +14,8 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import EvalPrediction
 
+from hf_memopt.data import hub_reachable
+
 logger = logging.getLogger(__name__)
 
 GLUE_TASKS = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")
@@ -46,6 +48,9 @@ def glue_scores(task: str | None, predictions: np.ndarray, references: np.ndarra
 
 
 def _load_evaluate_metric(task: str) -> Callable[..., dict[str, float]] | None:
+    # A 2 s probe, once per process: an unreachable Hub turns offline mode on, so evaluate fails at once
+    # instead of retrying for about 25 s.
+    hub_reachable()
     try:
         import evaluate
 

@@ -23,9 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
-import transformers
 from datasets import DatasetDict, load_dataset
 from transformers import (
     AutoConfig,
@@ -52,6 +50,7 @@ from hf_memopt.data import (
     load_sst2_standin,
     minilm_model_dir,
     resolve,
+    scripts,
 )
 from hf_memopt.trainer import MemOptTrainer
 
@@ -193,35 +192,6 @@ def text_columns(data: DatasetDict, task: str | None) -> tuple[str, str | None]:
     return strings[0], (strings[1] if len(strings) > 1 else None)
 
 
-def final_eval_metrics(trainer: MemOptTrainer) -> dict[str, float]:
-    """Evaluation metrics of the final model, reusing an evaluation the Trainer just ran at the last step.
-
-    With ``--eval_strategy steps`` and ``max_steps`` a multiple of ``eval_steps`` the model was evaluated on the
-    same data at the last step already; evaluating again would cost time and give the same numbers.
-    """
-    state = trainer.state
-    last = next((e for e in reversed(state.log_history) if "eval_loss" in e), None)
-    if last is not None and state.global_step > 0 and last.get("step") == state.global_step:
-        return {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
-    return trainer.evaluate()
-
-
-def setup_logging(training_args: TrainingArguments) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    level = training_args.get_process_log_level()
-    # Our own INFO lines (which data and model were used, metric backend) show on the main process even when
-    # the libraries stay at their default WARNING level.
-    ours = min(level, logging.INFO) if training_args.should_log else level
-    for name in (__name__, "hf_memopt", "glue_metrics"):
-        logging.getLogger(name).setLevel(ours)
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-
-
 def ddp_on_cpu(deepspeed: object) -> bool:
     """Several processes (``accelerate launch``, torchrun) on a machine without GPU, and no DeepSpeed.
 
@@ -239,6 +209,8 @@ def ddp_on_cpu(deepspeed: object) -> bool:
 
 def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    # No multi-GB optimizer checkpoints unasked: --save_strategy steps turns them on (README).
+    parser.set_defaults(**scripts.script_defaults())
     # transformers 5.x multiplies the loss by the world size under average_tokens_across_devices=True
     # whenever the model's forward takes **kwargs, and a sequence classifier's mean loss does not divide
     # by the global item count: under DDP the logged loss and the gradients were 2x on 2 processes. The
@@ -248,6 +220,7 @@ def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArgu
     if len(args) == 1 and args[0].endswith(".json"):
         with open(os.path.abspath(args[0]), encoding="utf-8") as fh:
             values = json.load(fh)
+        values = {**scripts.script_defaults(), **values}
         values.setdefault("average_tokens_across_devices", False)
         if ddp_on_cpu(values.get("deepspeed")):
             values.setdefault("use_cpu", True)
@@ -260,15 +233,8 @@ def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArgu
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Run training and/or evaluation; returns ``{"train": metrics, "eval": metrics}`` (the parts that ran)."""
     model_args, data_args, training_args = parse_args(argv)
-    setup_logging(training_args)
-    logger.warning(  # every process: shows a launch that did not become distributed
-        "Process rank: %d of %d, device: %s, distributed training: %s",
-        training_args.process_index,
-        training_args.world_size,
-        training_args.device,
-        training_args.parallel_mode.value == "distributed",
-    )
-    logger.info("Training/evaluation parameters %s", training_args)
+    scripts.setup_logging(training_args, __name__, "glue_metrics")
+    scripts.log_run_setup(logger, training_args)
     set_seed(training_args.seed)
 
     raw, data_prov = load_raw_data(data_args, model_args.cache_dir)
@@ -383,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         trainer.save_state()
         results["train"] = metrics
     if training_args.do_eval:
-        metrics = final_eval_metrics(trainer)
+        metrics = scripts.final_eval_metrics(trainer)
         metrics["eval_samples"] = len(eval_ds)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
@@ -391,15 +357,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     if trainer.is_world_process_zero():
         if task is None:
-            dataset, dataset_tags, dataset_args = (
-                ", ".join(filter(None, (data_args.train_file, data_args.validation_file))),
-                None,
-                None,
-            )
+            files = [Path(f).name for f in (data_args.train_file, data_args.validation_file) if f]
+            dataset, dataset_tags, dataset_args = ", ".join(files), None, None
+            card_dataset, card_config = files[-1] if files else "local files", None
         elif data_prov is not None:
             dataset, dataset_tags, dataset_args = f"{data_prov.name} (stand-in for GLUE {task.upper()})", None, None
+            card_dataset, card_config = data_prov.archive.requirement, None
         else:
             dataset, dataset_tags, dataset_args = f"GLUE {task.upper()}", HUB_DATASET, task
+            card_dataset, card_config = HUB_DATASET, task
         trainer.create_model_card(
             language="en",
             license=card_license,
@@ -411,6 +377,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         )
         card = Path(training_args.output_dir) / "README.md"
         add_to_model_card(card, sources)
+        eval_metrics = results.get("eval") or scripts.last_eval_metrics(trainer)
+        if eval_metrics:
+            scripts.fill_model_index(
+                card,
+                task_type="text-classification",
+                dataset_type=card_dataset,
+                dataset_name=dataset,
+                dataset_config=card_config,
+                metrics=eval_metrics,
+            )
         with open(Path(training_args.output_dir) / "hf_memopt_sources.json", "w", encoding="utf-8") as fh:
             json.dump({role: prov.as_dict() for role, prov in sources.items()}, fh, indent=2)
     return results
