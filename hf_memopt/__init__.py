@@ -1,13 +1,15 @@
 """hf_memopt: memory-augmented (critical-gradient) optimizers for PyTorch and 🤗 Transformers.
 
 McRae, Parthasarathi, Assran, Chandar, "Memory Augmented Optimizers for Deep Learning",
-ICLR 2022, arXiv:2106.10708.
+ICLR 2022, arXiv:2106.10708. Critical Momenta (``CriticalMomentaAdamW``): Malviya et al., "Promoting
+Exploration in Memory-Augmented Adam using Critical Momenta", TMLR 2024, arXiv:2307.09638.
 """
 
 from .config import MemoryConfig
 from .engine.checkpoint import without_memory
 from .estimate import estimate_memory
 from .optim import (
+    CriticalMomentaAdamW,
     MemoryAugmentedAdam,
     MemoryAugmentedAdamW,
     MemoryAugmentedOptimizer,
@@ -18,6 +20,7 @@ from .optim import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CriticalMomentaAdamW",
     "MemoryAugmentedAdam",
     "MemoryAugmentedAdamW",
     "MemoryAugmentedOptimizer",

@@ -15,6 +15,8 @@ OPTS = {
     "adam": (hf_memopt.MemoryAugmentedAdam, dict(lr=1e-2, amsgrad=True, weight_decay=0.1)),
     "sgd": (hf_memopt.MemoryAugmentedSGD, dict(lr=1e-3, momentum=0.9)),
     "rmsprop": (hf_memopt.MemoryAugmentedRMSprop, dict(lr=1e-3, centered=True, momentum=0.1)),
+    "cm": (hf_memopt.CriticalMomentaAdamW, dict(lr=1e-2, amsgrad=True)),  # "auto": the C kernel's CM loop
+    "cm-torch": (hf_memopt.CriticalMomentaAdamW, dict(lr=1e-2, executor="torch")),
 }
 
 

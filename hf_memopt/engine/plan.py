@@ -2,7 +2,8 @@
 
 The "torch" executor, and the "cpu" executor under a norm reducer, decide this way: every unit of
 every such param group gets its local squared norm (and, where the buffer dtype is narrower than the
-gradient's, its largest ``|g|``) in one batched computation per device; a reducer (sharded runs)
+gradient's, the largest ``|x|`` of the value x it would store: g, or under Critical Momenta the
+momentum, advanced before planning) in one batched computation per device; a reducer (sharded runs)
 turns them into full-tensor norms with one collective; one device-to-host transfer brings them to
 the host, where :mod:`.rule` decides. The plans are then applied by the executors and committed.
 """
@@ -62,6 +63,7 @@ def plan_groups(
     units: list[tuple[Tensor, int]] = []  # every unit of the reducer's layout
     unit_group: list[int] = []
     views: list[Tensor] = []
+    max_views: list[Tensor] = []  # per view, the tensor whose max-abs decides castability
     view_pos: list[int] = []
     view_max: list[bool] = []
     entries: dict[int, list[tuple[int, Unit]]] = {}
@@ -81,13 +83,20 @@ def plan_groups(
                     g = lists["grads"][i]
                     view_pos.append(len(units))
                     views.append(st.local_tensor(g) if start < 0 else st.unit_view(g, start, numel, False))
-                    view_max.append(needs_max(w.cfg, g.dtype))
+                    # the castability test (SPEC 1.3) reads what is stored: g, or the advanced momentum
+                    # under Critical Momenta (SPEC 1b.4), whose max-abs is only known after its lerp
+                    x = g if w.admit is None else w.admit[i]
+                    max_views.append(views[-1] if x is g else st.unit_view(x, start, numel, start < 0))
+                    view_max.append(needs_max(w.cfg, x.dtype))
                     out.append((len(units), (p, i, si, start)))
                 units.append((p, si))
                 unit_group.append(gi)
     if not units:
         return
-    sq_local, max_local = local_sq_norms(views, with_max=any(view_max))
+    own_max = all(m is v for m, v in zip(max_views, views))
+    sq_local, max_local = local_sq_norms(views, with_max=any(view_max) and own_max)
+    if any(view_max) and not own_max:
+        max_local = local_sq_norms(max_views, with_max=True)[1]  # one more batched pass, same device
     if max_local is not None and reducer is not None:
         # A shard's max-abs is not the tensor's: mark a unit whose local part cannot be cast as
         # non-finite, which the all-reduce carries to every rank (nothing of its priority group is

@@ -2,7 +2,9 @@
 
 The order, per SPEC section 1 and section 2's performance contract:
 
-1. every group's executor is picked (:func:`.executors.select_executor`);
+1. every group's executor is picked (:func:`.executors.select_executor`); executors prepare their
+   memory groups (Critical Momenta: the momentum is advanced first, because it is what is stored,
+   and SPEC 1.3's castability test must see it);
 2. groups whose executor decides on the host get their plans together: one batched norm pass,
    one optional all-reduce (sharded runs) and one device-to-host transfer for all of them;
 3. each executor runs its groups (aggregate, admit, base update; the whole-step kernel also decides);
@@ -33,6 +35,10 @@ class Work:
     update: Any  # the base update strategy (hf_memopt.optim.updates)
     executor: Any = None
     plan: HostPlan | None = None
+    #: the values the memory stores, aligned with ``lists["grads"]``, when they are not the gradients
+    #: (Critical Momenta: the momenta, already advanced by the executor's ``prepare``); the plan's
+    #: castability test (SPEC 1.3) reads them
+    admit: list[Any] | None = None
 
 
 def run_step(opt: Any, works: list[Work], requested: str) -> None:
@@ -41,18 +47,25 @@ def run_step(opt: Any, works: list[Work], requested: str) -> None:
         w.executor = select_executor(requested, opt, w)
         opt._ran[w.index] = w.executor.name
     memory = [w for w in works if w.cfg.kappa > 0.0]
+    for executor, group_works in _by_executor(memory):
+        executor.prepare(opt, group_works)
     host = [w for w in memory if w.lists["params"] and _decides_on_host(opt, w)]
     plan_groups(opt, host, opt.norm_reducer, memory)
-    by_executor: dict[int, tuple[Any, list[Work]]] = {}
-    for w in works:
-        if w.lists["params"]:
-            by_executor.setdefault(id(w.executor), (w.executor, []))[1].append(w)
-    for executor, group_works in by_executor.values():
+    for executor, group_works in _by_executor(works):
         executor.run(opt, group_works)
     for w in host:
         if w.plan is not None:
             w.plan.commit(w.cfg)
             opt._stats.record(w.plan.d.mode)
+
+
+def _by_executor(works: list[Work]) -> list[tuple[Any, list[Work]]]:
+    """The works that have parameters with a gradient, grouped by executor (in first-seen order)."""
+    out: dict[int, tuple[Any, list[Work]]] = {}
+    for w in works:
+        if w.lists["params"]:
+            out.setdefault(id(w.executor), (w.executor, []))[1].append(w)
+    return list(out.values())
 
 
 def _decides_on_host(opt: Any, w: Work) -> bool:

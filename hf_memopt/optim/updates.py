@@ -5,6 +5,15 @@ functional update (for-loop, foreach or fused, as the group's flags ask) with th
 place of the gradient. The memory engine knows nothing else of the base optimizer; the one
 exception is the CPU kernel, which implements Adam's update itself and reads Adam's state through
 :meth:`AdamUpdate.kernel_args`.
+
+Critical Momenta (SPEC section 1b) stores and aggregates the *momentum*, not the gradient, so it
+cannot run as "aggregate g, then the base update". Its strategy says so with
+``stores_momentum = True`` and splits the AdamW step around the memory's part: :meth:`
+CriticalMomentaUpdate.advance` (step count, decoupled decay, ``m <- lerp(m, g, 1 - beta1)``) runs
+before the admission decisions, so that the castability test of SPEC section 1.3 sees the value that
+is stored; :meth:`CriticalMomentaUpdate.finish` (second moment and parameter update from the
+aggregate ``m~``) after them. Executors that run it read ``memory_source`` (the list whose values
+are aggregated and stored: ``"exp_avgs"`` instead of ``"grads"``).
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim.adam import adam as _adam
 from torch.optim.rmsprop import rmsprop as _rmsprop
@@ -27,6 +37,10 @@ class BaseUpdate:
     list_names: tuple[str, ...] = ()
     #: this update has an implementation in the CPU kernel (``executor="cpu"``)
     cpu_kernel: bool = False
+    #: the memory stores and aggregates the momentum (Critical Momenta, SPEC 1b), not the gradient
+    stores_momentum: bool = False
+    #: the ``_init_group`` list whose values the memory aggregates and stores
+    memory_source: str = "grads"
 
     def update(self, opt: Any, group: dict[str, Any], lists: Lists, extra: Any) -> None:
         """Run the base update of ``group`` on ``lists`` (its ``"grads"`` holds the aggregates)."""
@@ -49,6 +63,7 @@ class AdamKernelArgs:
     amsgrad: bool
     maximize: bool
     decoupled: bool
+    momentum: bool = False  # Critical Momenta: the memory holds m, m~ = m + kappa S / n feeds v and p
 
 
 class AdamUpdate(BaseUpdate):
@@ -153,6 +168,63 @@ class RMSpropUpdate(BaseUpdate):
         )
 
 
+class CriticalMomentaUpdate(AdamUpdate):
+    """AdamW whose memory holds momenta (Critical Momenta, SPEC section 1b).
+
+    With the memory off (kappa=0) :meth:`update` is torch's own AdamW, every flag honoured. With it
+    on, the executor calls :meth:`advance`, decides and admits ``m``, builds ``m~`` and calls
+    :meth:`finish`. Both are multi-tensor ``torch._foreach_*`` calls whose per-tensor arithmetic is
+    torch's single-tensor AdamW (same ops, same order, same Python-float scalars), so with an empty
+    memory (``m~ = m``) a step equals ``torch.optim.AdamW(foreach=False)`` bit for bit on CPU.
+    """
+
+    stores_momentum = True
+    memory_source = "exp_avgs"
+
+    def advance(self, group: dict[str, Any], lists: Lists) -> None:
+        """SPEC 1b step 2 for every tensor of ``lists``: ``step += 1``, ``p *= 1 - lr wd``, ``m.lerp_(g, 1 - beta1)``."""
+        params, grads, exp_avgs = lists["params"], lists["grads"], lists["exp_avgs"]
+        if not params:
+            return
+        lr, beta1 = _number(group["lr"]), _number(group["betas"][0])
+        torch._foreach_add_(lists["state_steps"], 1)
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+
+    def finish(self, group: dict[str, Any], lists: Lists, m_tilde: list[Tensor]) -> None:
+        """SPEC 1b step 5: ``v``, ``vmax`` and ``p`` from ``m_tilde`` (aligned with ``lists["params"]``)."""
+        params = lists["params"]
+        if not params:
+            return
+        lr, beta1, beta2 = _number(group["lr"]), _number(group["betas"][0]), _number(group["betas"][1])
+        v = lists["exp_avg_sqs"]
+        # torch's single-tensor AdamW takes the step as a Python number (step_t.item()): one transfer here
+        steps = torch.stack([s.reshape(()) for s in lists["state_steps"]]).tolist()
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, m_tilde, m_tilde, 1 - beta2)
+        if group["amsgrad"]:
+            torch._foreach_maximum_(lists["max_exp_avg_sqs"], v)
+            v = lists["max_exp_avg_sqs"]
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [(1 - beta2**s) ** 0.5 for s in steps])
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, m_tilde, denom, [-(lr / (1 - beta1**s)) for s in steps])
+
+    def kernel_args(self, group: dict[str, Any], lists: Lists) -> AdamKernelArgs:
+        args = super().kernel_args(group, lists)
+        args.momentum = True
+        return args
+
+
+def _number(x: Any) -> float:
+    """A hyperparameter as a Python float (a tensor lr or beta is read once)."""
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
 ADAM = AdamUpdate()
+CRITICAL_MOMENTA = CriticalMomentaUpdate()
 SGD = SGDUpdate()
 RMSPROP = RMSpropUpdate()

@@ -1,7 +1,7 @@
 """Executors: implementations of the step rule for a batch of param groups, and the one place that picks them.
 
 * ``"torch"`` (:mod:`.torch`): torch ops on any device, multi-tensor; decisions on the host.
-* ``"cpu"`` (:mod:`.cpu`): the C kernel, Adam/AdamW on contiguous fp32 CPU tensors.
+* ``"cpu"`` (:mod:`.cpu`): the C kernel, Adam/AdamW and Critical Momenta on contiguous fp32 CPU tensors.
 * ``"triton"``: the GPU engine (decisions on the device, no host synchronisation); not in this
   release: asking for it is a ``ValueError``.
 
@@ -43,7 +43,7 @@ def select_executor(requested: str, opt: Any, work: Any) -> TorchExecutor | CpuE
     ``requested`` is the optimizer's ``executor`` argument:
 
     * ``"auto"``: memory off (kappa=0): "torch" (torch's own optimizer, nothing else to do); else
-      "cpu" when it can run the group (Adam/AdamW, fp32 contiguous CPU tensors, no foreach/fused
+      "cpu" when it can run the group (Adam/AdamW/Critical Momenta, fp32 contiguous CPU tensors, no foreach/fused
       flag, numbers for lr and betas, fp32 or bf16 memory, the kernel builds), else "torch";
     * ``"torch"``: always;
     * ``"cpu"``: when it can run the group, else ``ValueError`` saying why.

@@ -9,6 +9,11 @@ Two modes, both one parallel pass over memory per step:
 * host decisions (a norm reducer is set: sharded runs): :mod:`hf_memopt.engine.plan` decides, and
   ``memopt_adam_step`` does aggregation, admission and the Adam(W) update in one pass.
 
+Critical Momenta (SPEC 1b) has its own loop in the kernel (``cm_loop``: lerp of m, ``m~ = m + cs S``,
+admission of m, v and p from m~; the same words per element as Adam's). Whole step: the castability
+of m in bf16 memory is taken from a max-abs pass that recomputes the new m without writing it. Host
+decisions: :meth:`CpuExecutor.prepare` advances m with torch ops first, and the loop starts from it.
+
 Priorities equal the "torch" executor's on CPU bit for bit (both use the kernel's fixed-order fp64
 norms); parameters agree to the last bits (the update is one fused loop, torch's is several ops).
 """
@@ -43,7 +48,7 @@ class CpuExecutor:
         """Why the kernel cannot run ``work`` this step, in words (None: it can)."""
         group, cfg = work.group, work.cfg
         if not work.update.cpu_kernel:
-            return f"{type(opt).__name__}'s base update has no CPU kernel (Adam and AdamW have)"
+            return f"{type(opt).__name__}'s base update has no CPU kernel (Adam, AdamW and Critical Momenta have)"
         if cfg.kappa == 0.0:
             return "kappa=0 turns the memory off; the group runs torch's own optimizer"
         for flag in ("foreach", "fused"):
@@ -64,6 +69,16 @@ class CpuExecutor:
                 f"the CPU kernel could not be built (a C compiler is needed; {cpu_kernel.KERNELS_ENV}=0 turns it off)"
             )
         return None
+
+    def prepare(self, opt: Any, works: Sequence[Any]) -> None:
+        """Before host decisions, Critical Momenta advances its momenta with torch ops (step, decoupled
+        decay, lerp of m), so that the plan's castability test (SPEC 1.3) reads the m that is stored;
+        the C loop then starts from the advanced m (``MOMENTUM_READY``). The whole-step kernel needs no
+        preparation: it computes the max-abs of the new m in its own pass before it decides."""
+        for w in works:
+            if w.update.stores_momentum and self.decides_on_host(opt, w):
+                w.update.advance(w.group, w.lists)
+                w.admit = w.lists["exp_avgs"]
 
     @staticmethod
     def decides_on_host(opt: Any, work: Any) -> bool:
@@ -217,6 +232,7 @@ class _FusedTable:
             ints[J.GROUP] = 0 if cfg.key == "group" else -1
             ints[J.AGG], ints[J.SLOT_BF16] = AGGREGATION_CODES[cfg.aggregation], bf16
             ints[J.AMSGRAD], ints[J.MAXIMIZE], ints[J.DECOUPLED] = args.amsgrad, args.maximize, args.decoupled
+            ints[J.MOMENTUM] = args.momentum
             self.numels[j] = lp.numel()
         self.floats[:, H.KAPPA] = cfg.kappa
         self.floats[:, H.DECAY] = cfg.decay
@@ -249,7 +265,8 @@ def _run_planned(opt: Any, works: Sequence[Any]) -> None:
     for w in works:
         plan, cfg = w.plan, w.cfg
         args = w.update.kernel_args(w.group, w.lists)
-        torch._foreach_add_(args.steps, 1)
+        if not args.momentum:  # Critical Momenta's prepare counted the step already
+            torch._foreach_add_(args.steps, 1)
         step_of = torch.stack(args.steps).tolist()
         # torch's single-tensor Adam computes these in Python floats; so do we, once per distinct step
         coef = {s: (args.lr / (1 - args.beta1**s), (1 - args.beta2**s) ** 0.5) for s in set(step_of)}
@@ -260,6 +277,7 @@ def _run_planned(opt: Any, works: Sequence[Any]) -> None:
         gi[:, N.MODE] = d.mode
         gi[:, N.SLOT_BF16] = (d.mode != rule.MODE_NONE) & (cfg.buffer_dtype == torch.bfloat16)
         gi[:, N.AMSGRAD], gi[:, N.MAXIMIZE], gi[:, N.DECOUPLED] = args.amsgrad, args.maximize, args.decoupled
+        gi[:, N.MOMENTUM] = cpu_kernel.MOMENTUM_READY if args.momentum else cpu_kernel.MOMENTUM_NONE
         gf = np.empty((n, len(F)), dtype=np.float64)
         gf[:, F.COEF_G], gf[:, F.COEF_S] = d.coef_g, d.coef_s
         gf[:, [F.LR, F.WD, F.BETA1, F.BETA2, F.EPS]] = (args.lr, args.weight_decay, args.beta1, args.beta2, args.eps)

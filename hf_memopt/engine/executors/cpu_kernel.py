@@ -53,13 +53,13 @@ class _Columns:
     """The tables of ``memopt_adam_step`` (``step_*``) and ``memopt_adam_fused`` (``fused_*``)."""
 
     step_ptrs = Table("PARAM", "GRAD", "EXP_AVG", "EXP_AVG_SQ", "MAX_EXP_AVG_SQ", "SUM", "SLOT")
-    step_ints = Table("MODE", "SLOT_BF16", "AMSGRAD", "MAXIMIZE", "DECOUPLED")
+    step_ints = Table("MODE", "SLOT_BF16", "AMSGRAD", "MAXIMIZE", "DECOUPLED", "MOMENTUM")
     step_floats = Table("COEF_G", "COEF_S", "LR", "WD", "BETA1", "BETA2", "EPS", "STEP_SIZE", "BC2_SQRT")
     fused_ptrs = Table(
         *("PARAM", "GRAD", "EXP_AVG", "EXP_AVG_SQ", "MAX_EXP_AVG_SQ", "SUM", "STEP"),
         *("PRI", "STORED_AT", "COUNT", "CLOCK"),
     )
-    fused_ints = Table("TOPC", "SLOTS", "GROUP", "AGG", "SLOT_BF16", "AMSGRAD", "MAXIMIZE", "DECOUPLED")
+    fused_ints = Table("TOPC", "SLOTS", "GROUP", "AGG", "SLOT_BF16", "AMSGRAD", "MAXIMIZE", "DECOUPLED", "MOMENTUM")
     fused_floats = Table("KAPPA", "DECAY", "LR", "WD", "BETA1", "BETA2", "EPS")
 
     def layout(self) -> str:
@@ -70,6 +70,9 @@ class _Columns:
 
 COLUMNS = _Columns()
 AGGREGATION_CODES = {"mean": 0, "sum": 1, "mid": 2}
+#: ``step_ints.MOMENTUM``: Adam(W) on the aggregate of g; Critical Momenta with m advanced in the loop;
+#: Critical Momenta with step, decay and m advanced by the caller (host decisions)
+MOMENTUM_NONE, MOMENTUM_LOOP, MOMENTUM_READY = 0, 1, 2
 
 
 class LayoutMismatchError(RuntimeError):

@@ -1,4 +1,5 @@
-/* Single-pass CPU kernel of a memory-augmented Adam/AdamW step (hf_memopt).
+/* Single-pass CPU kernel of a memory-augmented Adam/AdamW step (hf_memopt), and of Critical Momenta
+ * (SPEC 1b: the memory holds the momentum m, m~ = m + kappa S / n feeds v and p; cm_loop below).
  *
  * One call per optimizer step covers every tensor ("unit") that takes the fast path. Per element
  * it reads g, S, the evicted slot, p, m, v and writes S, the slot, p, m, v: the whole step in one
@@ -19,15 +20,16 @@
  * Python side (hf_memopt.engine.executors.cpu_kernel), which fills the tables by name and refuses a
  * library whose layout differs from the one it was written against. */
 #define STEP_PTRS(X) X(P, PARAM) X(P, GRAD) X(P, EXP_AVG) X(P, EXP_AVG_SQ) X(P, MAX_EXP_AVG_SQ) X(P, SUM) X(P, SLOT)
-#define STEP_INTS(X) X(I, MODE) X(I, SLOT_BF16) X(I, AMSGRAD) X(I, MAXIMIZE) X(I, DECOUPLED)
+#define STEP_INTS(X) X(I, MODE) X(I, SLOT_BF16) X(I, AMSGRAD) X(I, MAXIMIZE) X(I, DECOUPLED) X(I, MOMENTUM)
 #define STEP_FLOATS(X) \
     X(F, COEF_G) X(F, COEF_S) X(F, LR) X(F, WD) X(F, BETA1) X(F, BETA2) X(F, EPS) X(F, STEP_SIZE) X(F, BC2_SQRT)
 /* memopt_adam_fused: the whole step, decisions included */
 #define FUSED_PTRS(X)                                                                                      \
     X(Q, PARAM) X(Q, GRAD) X(Q, EXP_AVG) X(Q, EXP_AVG_SQ) X(Q, MAX_EXP_AVG_SQ) X(Q, SUM) X(Q, STEP) X(Q, PRI) \
         X(Q, STORED_AT) X(Q, COUNT) X(Q, CLOCK)
-#define FUSED_INTS(X) \
-    X(J, TOPC) X(J, SLOTS) X(J, GROUP) X(J, AGG) X(J, SLOT_BF16) X(J, AMSGRAD) X(J, MAXIMIZE) X(J, DECOUPLED)
+#define FUSED_INTS(X)                                                                                   \
+    X(J, TOPC) X(J, SLOTS) X(J, GROUP) X(J, AGG) X(J, SLOT_BF16) X(J, AMSGRAD) X(J, MAXIMIZE) X(J, DECOUPLED) \
+        X(J, MOMENTUM)
 #define FUSED_FLOATS(X) X(H, KAPPA) X(H, DECAY) X(H, LR) X(H, WD) X(H, BETA1) X(H, BETA2) X(H, EPS)
 
 #define AS_ENUM(PREFIX, NAME) PREFIX##_##NAME,
@@ -40,6 +42,10 @@ enum { FUSED_INTS(AS_ENUM) N_J };
 enum { FUSED_FLOATS(AS_ENUM) N_H };
 enum { MODE_NONE = 0, MODE_FILL = 1, MODE_EVICT = 2 };
 enum { AGG_MEAN, AGG_SUM, AGG_MID };
+/* I_MOMENTUM: 0 Adam(W) on the aggregate of g; 1 Critical Momenta, the loop advances m itself; 2 Critical
+ * Momenta with step, decoupled decay and m already advanced by the caller (host decisions: the castability
+ * test of SPEC 1.3 needs the max-abs of the m that is stored before anything is written). */
+enum { MOMENTUM_NONE = 0, MOMENTUM_LOOP = 1, MOMENTUM_READY = 2 };
 
 static const char LAYOUT[] = "step_ptrs:" STEP_PTRS(AS_NAME) ";step_ints:" STEP_INTS(AS_NAME) ";step_floats:" STEP_FLOATS(
     AS_NAME) ";fused_ptrs:" FUSED_PTRS(AS_NAME) ";fused_ints:" FUSED_INTS(AS_NAME) ";fused_floats:" FUSED_FLOATS(AS_NAME);
@@ -89,6 +95,37 @@ struct job {
     double *partials; /* [n_chunks] per-chunk results of the norm pass */
 };
 
+/* Admission of one element: x (g, or m under Critical Momenta) written to the slot in its dtype, S
+ * updated as (S - evicted) + stored. Returns the new S. */
+static inline __attribute__((always_inline)) float admit(void *restrict slot_ptr, int64_t i, float x, float s,
+                                                         int mode, int bf16) {
+    float stored, old = 0.0f;
+    if (bf16) {
+        uint16_t *restrict slot_b = (uint16_t *)slot_ptr;
+        const uint16_t b = f32_to_bf16(x);
+        if (mode == MODE_EVICT) old = bf16_to_f32(slot_b[i]);
+        slot_b[i] = b;
+        stored = bf16_to_f32(b);
+    } else {
+        float *restrict slot_f = (float *)slot_ptr;
+        if (mode == MODE_EVICT) old = slot_f[i];
+        slot_f[i] = x;
+        stored = x;
+    }
+    return (s - old) + stored;
+}
+
+/* Adam's denominator sqrt(v) / sqrt(1 - beta2^t) + eps, with amsgrad's running max (written back). */
+static inline __attribute__((always_inline)) float denominator(float *restrict vmax, int64_t i, float vi, float bc2s,
+                                                               float eps, int amsgrad) {
+    if (amsgrad) {
+        const float mx = vmax[i] > vi ? vmax[i] : vi;
+        vmax[i] = mx;
+        return sqrtf(mx) / bc2s + eps;
+    }
+    return sqrtf(vi) / bc2s + eps;
+}
+
 /* The loop body, instantiated below for every combination of the compile-time flags so that each
  * instance is a straight, vectorizable loop. Flags that are cheap as arithmetic stay run-time values:
  * maximize is a sign (x * -1 is exact), decoupled decay a factor (x * 1 is exact), coupled decay a
@@ -99,26 +136,11 @@ static inline __attribute__((always_inline)) void adam_loop(
     const float sign, const float keep, const float wd_coupled, const float w1, const float beta2, const float w2,
     const float eps, const float bc2s, const float neg_step, const int mode, const int bf16, const int amsgrad,
     const int small_w1) {
-    float *restrict slot_f = (float *)slot_ptr;
-    uint16_t *restrict slot_b = (uint16_t *)slot_ptr;
     for (int64_t i = lo; i < hi; ++i) {
         const float gi = g[i];
         const float s = S[i];
         float a = cg * gi + cs * s;
-        if (mode != MODE_NONE) {
-            float stored, old = 0.0f;
-            if (bf16) {
-                const uint16_t b = f32_to_bf16(gi);
-                if (mode == MODE_EVICT) old = bf16_to_f32(slot_b[i]);
-                slot_b[i] = b;
-                stored = bf16_to_f32(b);
-            } else {
-                if (mode == MODE_EVICT) old = slot_f[i];
-                slot_f[i] = gi;
-                stored = gi;
-            }
-            S[i] = (s - old) + stored;
-        }
+        if (mode != MODE_NONE) S[i] = admit(slot_ptr, i, gi, s, mode, bf16);
         a = a * sign;
         const float pi = p[i] * keep;
         a = a + wd_coupled * pi;
@@ -127,17 +149,59 @@ static inline __attribute__((always_inline)) void adam_loop(
         const float vi = v[i] * beta2 + w2 * (a * a);
         m[i] = mi;
         v[i] = vi;
-        float d;
-        if (amsgrad) {
-            const float mx = vmax[i] > vi ? vmax[i] : vi;
-            vmax[i] = mx;
-            d = sqrtf(mx) / bc2s + eps;
-        } else {
-            d = sqrtf(vi) / bc2s + eps;
-        }
+        const float d = denominator(vmax, i, vi, bc2s, eps, amsgrad);
         p[i] = pi + neg_step * (mi / d);
     }
 }
+
+/* torch's CPU lerp(self, end, w), as its vectorized kernel computes it (at::native lerp_vec): one fused
+ * multiply-add, fma(w, end - self, self) for w < 0.5, else fma(w - 1, end - self, end). Critical Momenta
+ * stores m, so its m must be torch's to the bit: then the "torch" and "cpu" executors store the same
+ * momenta, and the kernel's max-abs pass sees exactly the m that is stored. */
+static inline __attribute__((always_inline)) float cm_lerp(float self, float end, float w, int small_w) {
+    return small_w ? fmaf(w, end - self, self) : fmaf(w - 1.0f, end - self, end);
+}
+
+/* Critical Momenta (SPEC 1b), per element: m <- lerp(m, g, 1 - beta1) (torch's lerp formula, the branch
+ * on the weight as torch takes it); m~ = m + cs * S from S as it stood; m (not m~) is admitted; v and p
+ * take AdamW's update from m~; m stays m. Reads p g m v S slot and writes p m v S slot: the same words
+ * per element as adam_loop. READY: the caller advanced m and decayed p already (g is not read). */
+static inline __attribute__((always_inline)) void cm_loop(
+    int64_t lo, int64_t hi, float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
+    float *restrict vmax, float *restrict S, void *restrict slot_ptr, const float cs, const float sign,
+    const float keep, const float w1, const float beta2, const float w2, const float eps, const float bc2s,
+    const float neg_step, const int mode, const int bf16, const int amsgrad, const int small_w1, const int ready) {
+    for (int64_t i = lo; i < hi; ++i) {
+        float mi, pi;
+        if (ready) {
+            mi = m[i];
+            pi = p[i];
+        } else {
+            const float gi = g[i] * sign;
+            const float m0 = m[i];
+            mi = cm_lerp(m0, gi, w1, small_w1);
+            m[i] = mi;
+            pi = p[i] * keep;
+        }
+        const float s = S[i];
+        const float mt = mi + cs * s;
+        if (mode != MODE_NONE) S[i] = admit(slot_ptr, i, mi, s, mode, bf16);
+        const float vi = v[i] * beta2 + w2 * (mt * mt);
+        v[i] = vi;
+        const float d = denominator(vmax, i, vi, bc2s, eps, amsgrad);
+        p[i] = pi + neg_step * (mt / d);
+    }
+}
+
+#define CM_CASE(MODE, BF16, AMS, SMALL, READY)                                                                    \
+    if (mode == MODE && bf16 == BF16 && amsgrad == AMS && small_w1 == SMALL && ready == READY) {                  \
+        cm_loop(lo, hi, p, g, m, v, vmax, S, slot, cs, sign, keep, w1, beta2, w2, eps, bc2s, neg_step, MODE, BF16, \
+                AMS, SMALL, READY);                                                                                \
+        return;                                                                                                    \
+    }
+#define CM_CASES_READY(MODE, BF16, AMS, SMALL) CM_CASE(MODE, BF16, AMS, SMALL, 0) CM_CASE(MODE, BF16, AMS, SMALL, 1)
+#define CM_CASES_AMS(MODE, BF16, AMS) CM_CASES_READY(MODE, BF16, AMS, 1) CM_CASES_READY(MODE, BF16, AMS, 0)
+#define CM_CASES(MODE, BF16) CM_CASES_AMS(MODE, BF16, 0) CM_CASES_AMS(MODE, BF16, 1)
 
 #define ADAM_CASE(MODE, BF16, AMS, SMALL)                                                                       \
     if (mode == MODE && bf16 == BF16 && amsgrad == AMS && small_w1 == SMALL) {                                  \
@@ -173,6 +237,15 @@ static void run_chunk(const job_t *job, int64_t c) {
     const float beta2 = (float)F[F_BETA2], w2 = (float)(1.0 - F[F_BETA2]);
     const float eps = (float)F[F_EPS], bc2s = (float)F[F_BC2_SQRT];
     const float neg_step = -(float)F[F_STEP_SIZE];
+    if (I[I_MOMENTUM] != MOMENTUM_NONE) {
+        const int ready = I[I_MOMENTUM] == MOMENTUM_READY;
+        CM_CASES(MODE_NONE, 0)
+        CM_CASES(MODE_FILL, 0)
+        CM_CASES(MODE_FILL, 1)
+        CM_CASES(MODE_EVICT, 0)
+        CM_CASES(MODE_EVICT, 1)
+        return;
+    }
     ADAM_CASES(MODE_NONE, 0)
     ADAM_CASES(MODE_FILL, 0)
     ADAM_CASES(MODE_FILL, 1)
@@ -218,6 +291,26 @@ static inline __attribute__((always_inline)) void sq_max_chunk(const job_t *job,
 }
 
 static void sq_chunk(const job_t *job, int64_t c) { sq_max_chunk(job, c, 0); }
+
+/* Critical Momenta: the largest |m'| of one chunk, m' = lerp(m, sign * g, w1) computed exactly as cm_loop
+ * computes it (nothing is written): whether the m about to be stored is finite in bf16 (SPEC 1.3 applied to
+ * the stored value, SPEC 1b.4), known before the update pass writes any slot. ptrs: [unit] = (g, m);
+ * floats: [unit] = (w1, sign). */
+static void cm_max_chunk(const job_t *job, int64_t c) {
+    const int64_t u = job->chunk_unit[c], lo = job->chunk_start[c], hi = job->chunk_end[c];
+    const float *restrict g = (const float *)job->ptrs[2 * u];
+    const float *restrict m = (const float *)job->ptrs[2 * u + 1];
+    const float w1 = (float)job->floats[2 * u], sign = (float)job->floats[2 * u + 1];
+    const int small_w1 = w1 < 0.5f;
+    float mx = 0.0f;
+    for (int64_t i = lo; i < hi; ++i) {
+        const float gi = g[i] * sign, m0 = m[i];
+        const float mi = cm_lerp(m0, gi, w1, small_w1);
+        const float a = fabsf(mi);
+        mx = a > mx ? a : mx; /* a NaN is passed over: its gradient's norm is NaN, so it is not stored */
+    }
+    job->partials[c] = (double)mx;
+}
 static void sq_max_chunk_fn(const job_t *job, int64_t c) { sq_max_chunk(job, c, 1); }
 
 static void *worker(void *arg) {
@@ -311,6 +404,22 @@ int memopt_sq_norms(int64_t n_units, const int64_t *ptrs, const int64_t *numels,
     return 0;
 }
 
+/* out_max[u] = the largest |lerp(m, sign * g, w1)| of unit u (Critical Momenta's castability test). */
+static int cm_max(int64_t n_units, const int64_t *ptrs, const double *floats, const int64_t *numels, float *out_max,
+                  int n_threads) {
+    job_t job = {cm_max_chunk, n_units, ptrs, NULL, floats, NULL, NULL, NULL, 0, 0, 0, NULL};
+    double *partials = NULL;
+    for (int64_t u = 0; u < n_units; ++u) out_max[u] = 0.0f;
+    if (run_parallel(&job, numels, n_threads, &partials, NORM_GRAB) != 0) return -1;
+    if (!partials) return 0;
+    int64_t c = 0;
+    for (int64_t u = 0; u < n_units; ++u)
+        for (int64_t s = 0; s < numels[u]; s += CHUNK, ++c)
+            if ((float)partials[c] > out_max[u]) out_max[u] = (float)partials[c];
+    free(partials);
+    return 0;
+}
+
 /* ---- The whole step in one call: norms, decisions, update, bookkeeping --------------------------
  *
  * For units that need no collective (one process, whole tensors), memopt_adam_fused runs what
@@ -341,16 +450,39 @@ int memopt_adam_fused(int64_t n_units, const int64_t *q, const int64_t *ints, co
     int64_t *iv = (int64_t *)calloc((size_t)n_units * N_INTS, sizeof(int64_t));
     double *fv = (double *)calloc((size_t)n_units * N_FLOATS, sizeof(double));
     float *gmax = (float *)calloc((size_t)n_units, sizeof(float));
+    int64_t *cm_ptrs = (int64_t *)calloc((size_t)n_units * 2, sizeof(int64_t));
+    double *cm_floats = (double *)calloc((size_t)n_units * 2, sizeof(double));
+    int64_t *cm_numels = (int64_t *)calloc((size_t)n_units, sizeof(int64_t));
     int rc = -1;
-    if (!gptr || !sq || !k || !gsum || !ptrs || !iv || !fv || !gmax) goto done;
+    if (!gptr || !sq || !k || !gsum || !ptrs || !iv || !fv || !gmax || !cm_ptrs || !cm_floats || !cm_numels) goto done;
 
-    /* the max-abs rides along only where a slot dtype narrower than fp32 can overflow (bf16 slots) */
-    int any_bf16 = 0;
+    /* the max-abs rides along only where a slot dtype narrower than fp32 can overflow (bf16 slots); for
+     * Critical Momenta it is the max-abs of the new m (a separate pass over g and m), not of g */
+    int any_bf16 = 0, any_cm_bf16 = 0;
     for (int64_t u = 0; u < n_units; ++u) {
+        const int64_t *J = ints + u * N_J;
         gptr[u] = q[u * N_Q + Q_GRAD];
-        any_bf16 |= ints[u * N_J + J_SLOT_BF16] != 0;
+        if (J[J_SLOT_BF16] && J[J_MOMENTUM]) {
+            any_cm_bf16 = 1;
+            cm_ptrs[2 * u] = q[u * N_Q + Q_GRAD];
+            cm_ptrs[2 * u + 1] = q[u * N_Q + Q_EXP_AVG];
+            cm_floats[2 * u] = (double)(float)(1.0 - floats[u * N_H + H_BETA1]);
+            cm_floats[2 * u + 1] = J[J_MAXIMIZE] ? -1.0 : 1.0;
+            cm_numels[u] = numels[u];
+        } else {
+            any_bf16 |= J[J_SLOT_BF16] != 0;
+        }
     }
     if (memopt_sq_norms(n_units, gptr, numels, sq, any_bf16 ? gmax : NULL, n_threads) != 0) goto done;
+    if (any_cm_bf16) {
+        float *cmax = (float *)calloc((size_t)n_units, sizeof(float));
+        if (!cmax) goto done;
+        const int cm_rc = cm_max(n_units, cm_ptrs, cm_floats, cm_numels, cmax, n_threads);
+        for (int64_t u = 0; u < n_units; ++u)
+            if (cm_numels[u]) gmax[u] = cmax[u];
+        free(cmax);
+        if (cm_rc != 0) goto done;
+    }
 
     /* priorities: np.add.at over units in order, starting from 0.0 */
     for (int64_t u = 0; u < n_units; ++u) {
@@ -383,7 +515,7 @@ int memopt_adam_fused(int64_t n_units, const int64_t *q, const int64_t *ints, co
             cs = kappa / ((double)n * (1.0 + kappa));
         }
         const float k32 = (float)k[u]; /* reduced in fp64, rounded to fp32 before the finiteness test */
-        /* a g that is not finite once cast to the slot dtype is never stored (SPEC 1.3) */
+        /* a g (Critical Momenta: an m) that is not finite once cast to the slot dtype is never stored (SPEC 1.3) */
         const int castable = !J[J_SLOT_BF16] || (f32_to_bf16(gmax[u]) & 0x7FFFu) != 0x7F80u;
         int64_t mode = MODE_NONE, slot = -1;
         if (isfinite(k32) && castable) {
@@ -427,6 +559,7 @@ int memopt_adam_fused(int64_t n_units, const int64_t *q, const int64_t *ints, co
         I[I_AMSGRAD] = J[J_AMSGRAD];
         I[I_MAXIMIZE] = J[J_MAXIMIZE];
         I[I_DECOUPLED] = J[J_DECOUPLED];
+        I[I_MOMENTUM] = J[J_MOMENTUM] ? MOMENTUM_LOOP : MOMENTUM_NONE;
         F[F_COEF_G] = cg;
         F[F_COEF_S] = cs;
         F[F_LR] = lr;
@@ -464,5 +597,8 @@ done:
     free(iv);
     free(fv);
     free(gmax);
+    free(cm_ptrs);
+    free(cm_floats);
+    free(cm_numels);
     return rc;
 }

@@ -11,7 +11,11 @@ tensors here), however many tensors there are:
 * refresh (every 128 steps of a unit's clock): ``S`` rebuilt from its slots, one add per slot index.
 
 Then the base optimizer's own update (torch's fused, foreach or for-loop kernel, as the group asks)
-runs on the aggregates. Priorities come from :func:`hf_memopt.engine.norms.local_sq_norms`: on CPU
+runs on the aggregates. Critical Momenta (SPEC 1b; its update strategy has ``stores_momentum``) runs
+the same memory ops on the momenta instead of the gradients: :meth:`TorchExecutor.prepare` advances
+m before the decisions (so the castability test reads the m that is stored), the aggregate is
+``m~ = m + (kappa / n) S``, m is admitted, and the strategy's ``finish`` updates v and p from m~,
+all multi-tensor. Priorities come from :func:`hf_memopt.engine.norms.local_sq_norms`: on CPU
 fp32 tensors they are the CPU kernel's fixed-order fp64 sums (bit-identical to the "cpu" executor),
 elsewhere ``torch._foreach_norm`` in fp64 (equal decisions; priorities may differ in the last bit).
 """
@@ -38,11 +42,22 @@ class TorchExecutor:
         """Why this executor cannot run ``work`` (None: it can; it always can)."""
         return None
 
+    def prepare(self, opt: Any, works: Sequence[Any]) -> None:
+        """Before the decisions: Critical Momenta advances its momenta (step, decoupled decay, lerp of m),
+        so that what the plan tests for castability is the m that will be stored (SPEC 1b.2, 1b.4)."""
+        for w in works:
+            if w.update.stores_momentum:
+                w.update.advance(w.group, w.lists)
+                w.admit = w.lists["exp_avgs"]
+
     def run(self, opt: Any, works: Sequence[Any]) -> None:
         """Aggregate, admit and update every work (its ``plan`` holds the decisions; None: no memory)."""
         memory = [w for w in works if w.plan is not None]
         aggregates = _memory_step(opt, memory) if memory else {}
         for w in works:
+            if id(w) in aggregates and w.update.stores_momentum:
+                w.update.finish(w.group, w.lists, aggregates[id(w)])  # v and p from m~ (SPEC 1b.5)
+                continue
             lists = w.lists
             if id(w) in aggregates:
                 lists = dict(lists, grads=aggregates[id(w)])
@@ -82,7 +97,8 @@ def _memory_step(opt: Any, works: Sequence[Any]) -> dict[int, list[Tensor]]:
     for w in works:
         plan, cfg = w.plan, w.cfg
         d = plan.d
-        grads = w.lists["grads"]
+        # what is aggregated and stored: the gradients, or the momenta under Critical Momenta
+        grads = w.lists[w.update.memory_source]
         aggregates = list(grads)
         cg, cs = d.coef_g.tolist(), d.coef_s.tolist()
         modes, slots, refreshes, counts = d.mode.tolist(), d.slot.tolist(), d.refresh.tolist(), d.count_after.tolist()
