@@ -80,10 +80,12 @@ class MemOptTrainer(Trainer):
         return unwrap_optimizer(self.optimizer)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add ``memory_stats()`` to the training logs (those that carry ``loss``)."""
+        """Add ``memory_stats()`` to the training logs (those that carry ``loss``): its numbers; the
+        executor's name (a string, which loggers such as TensorBoard would drop) goes to the model card."""
         optimizer = self.memopt_optimizer()
         if optimizer is not None and "loss" in logs:
-            logs.update({LOG_PREFIX + key: value for key, value in optimizer.memory_stats().items()})
+            stats = optimizer.memory_stats()
+            logs.update({LOG_PREFIX + k: v for k, v in stats.items() if isinstance(v, (int, float))})
         super().log(logs, *args, **kwargs)
 
     def create_model_card(
