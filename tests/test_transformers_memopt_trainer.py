@@ -47,6 +47,9 @@ def test_memory_stats_are_logged_with_the_loss(tmp_path):
     # Steps 3-4 are counted since the previous log only.
     assert second[LOG_PREFIX + "admissions"] + second[LOG_PREFIX + "rejections"] == 2 * n_tensors
     assert second[LOG_PREFIX + "fill"] == 1.0
+    # only numbers reach the loggers; the executor's name is in memory_stats() and the card
+    assert all(isinstance(v, (int, float)) for entry in train_logs for v in entry.values())
+    assert LOG_PREFIX + "executor" not in first
     summary = trainer.state.log_history[-1]
     assert "train_loss" in summary and not any(k.startswith(LOG_PREFIX) for k in summary)
 
