@@ -5,8 +5,8 @@ transfer). The memory's part of the step is then a fixed handful of ``torch._for
 every unit of every group it runs (per kind of tensor: fp32 or not, DTensor local shards are plain
 tensors here), however many tensors there are:
 
-* aggregate ``a = coef_g * g + coef_s * S`` (two multiplies and an add, each rounded as the C kernel
-  rounds them), only for units whose memory is not empty;
+* aggregate ``a = coef_g * g + coef_s * S`` into one new tensor per tensor (the only gradient-sized
+  temporary), only for units whose memory is not empty;
 * admit: ``S -= evicted``, ``slot <- g`` (cast to the buffer dtype), ``S += slot``;
 * refresh (every 128 steps of a unit's clock): ``S`` rebuilt from its slots, one add per slot index.
 
@@ -148,13 +148,13 @@ def _memory_step(opt: Any, works: Sequence[Any]) -> dict[int, list[Tensor]]:
 
     # 1. aggregate, from S as it stood before this step's admissions
     if fresh.a:
-        new = torch._foreach_mul(fresh.a, fresh.cg)
-        torch._foreach_add_(new, torch._foreach_mul(fresh.s, fresh.cs))
+        new = list(torch._foreach_mul(fresh.a, fresh.cg))  # the one gradient-sized temporary per tensor
         for (aggregates, i, g), a in zip(fresh_to, new):
             aggregates[i] = _like(g, a)
+        _add_scaled(new, fresh)
     if in_place.a:
         torch._foreach_mul_(in_place.a, in_place.cg)
-        torch._foreach_add_(in_place.a, torch._foreach_mul(in_place.s, in_place.cs))
+        _add_scaled(in_place.a, in_place)
     for aggregates, i, target, a32 in cast_back:
         if aggregates is None:
             target.copy_(a32)  # back into the lower-precision copy of a segmented gradient
@@ -174,6 +174,21 @@ def _memory_step(opt: Any, works: Sequence[Any]) -> dict[int, list[Tensor]]:
             pairs = [(s, slots[index]) for s, slots in refresh if len(slots) > index]
             torch._foreach_add_([s for s, _ in pairs], [v for _, v in pairs])
     return out
+
+
+def _add_scaled(a: list[Tensor], batch: _Batch) -> None:
+    """``a += cs * S`` without a second temporary: one ``add_(alpha=cs)`` per distinct cs.
+
+    cs depends only on a unit's count of stored gradients (and its group's kappa and aggregation),
+    so there are at most ``topc`` distinct values per group, however many tensors there are. (On CPU
+    ``add_`` with ``alpha`` is a fused multiply-add; the C kernel rounds ``cs * S`` first: the
+    aggregates agree to the last bit or so, the memory itself exactly.)
+    """
+    by_cs: dict[float, list[int]] = {}
+    for j, cs in enumerate(batch.cs):
+        by_cs.setdefault(cs, []).append(j)
+    for cs, idx in by_cs.items():
+        torch._foreach_add_([a[j] for j in idx], [batch.s[j] for j in idx], alpha=cs)
 
 
 def _like(g: Tensor, local: Tensor) -> Tensor:
