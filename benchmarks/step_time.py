@@ -7,6 +7,7 @@
     python benchmarks/step_time.py --key tensor             # one priority per tensor (default: per group)
     python benchmarks/step_time.py --executor torch         # force an executor (default: auto)
     python benchmarks/step_time.py --model gpt2-124m --profile-ops   # ops launched per step, per executor
+    python benchmarks/step_time.py --optimizer cm --topc 10 # Critical Momenta (memopt_adamw_cm)
 
 Times ``optimizer.step()`` alone (gradients are fixed tensors), median over ``--steps`` steps
 after warm-up, with torch's intra-op threads at ``--threads``. Each row is timed in alternating
@@ -171,6 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--admit", choices=["always", "rarely"], default="always")
     ap.add_argument("--key", choices=["group", "tensor"], default="group", help="hf_memopt's priority key")
     ap.add_argument("--executor", choices=["auto", "torch", "cpu"], default="auto", help="hf_memopt's executor")
+    ap.add_argument(
+        "--optimizer",
+        choices=["adamw", "cm"],
+        default="adamw",
+        help="hf_memopt's optimizer: MemoryAugmentedAdamW or CriticalMomentaAdamW (memopt_adamw_cm)",
+    )
     ap.add_argument("--profile-ops", action="store_true", help="count the ops one step launches, per executor")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument(
@@ -212,10 +219,16 @@ def main(argv: list[str] | None = None) -> None:
         # + 1: the norm pass reads g before the decisions; an admitting step then reads p g m v S and
         # the evicted slot and writes p m v S and the slot; a rejecting one reads p g m v S, writes p m v
         words = 1 + (9 + 2 * slot if args.admit == "always" else 8)
+        # Critical Momenta moves the same words: it reads m where Adam reads it anyway and stores m, not g
+        cls, name = (
+            (hf_memopt.CriticalMomentaAdamW, "memopt_adamw_cm")
+            if args.optimizer == "cm"
+            else (hf_memopt.MemoryAugmentedAdamW, "memopt_adamw")
+        )
         for c in args.topc:
             run(
-                f"memopt_adamw topc={c} {bd}",
-                lambda p, c=c, bd=bd: hf_memopt.MemoryAugmentedAdamW(
+                f"{name} topc={c} {bd}",
+                lambda p, c=c, bd=bd, cls=cls: cls(
                     p, lr=1e-3, topc=c, decay=0.7, buffer_dtype=bd, key=args.key, executor=args.executor
                 ),
                 words,

@@ -83,6 +83,21 @@ def test_model_card_has_tags_hyperparameters_bytes_and_citation(tmp_path):
     assert body.index("### Optimizer: memopt_adamw") < body.index("### Framework versions")
 
 
+def test_critical_momenta_model_card_cites_both_papers(tmp_path):
+    trainer = make(tmp_path, optim="memopt_adamw_cm", optim_args="kappa=0.5", max_steps=2)
+    trainer.train()
+    trainer.create_model_card()
+    meta, body = card_of(tmp_path)
+    assert {"hf_memopt", "memopt_adamw_cm"} <= set(meta["tags"])
+    rows = dict(re.findall(r"^\| (\w+) \| (.+) \|$", body, flags=re.MULTILINE))
+    assert rows["class"].startswith("hf_memopt.CriticalMomentaAdamW")
+    assert rows["topc"] == "5" and rows["kappa"] == "0.5" and "aggregation" not in rows
+    assert rows["max_grad_norm"].startswith("1.0 (the memory stores momenta built from gradients after clipping")
+    assert "critical momenta" in body and "Promoting Exploration in Memory-Augmented Adam" in body
+    assert "TMLR 2024" in body and "sHSkJqyQgW" in body and "2307.09638" in body
+    assert "malviya2024promoting" in body and "mcrae2022memory" in body and "2106.10708" in body
+
+
 def test_model_card_before_training_uses_the_arguments(tmp_path):
     trainer = make(tmp_path, optim="memopt_sgd", optim_args="momentum=0.9,topc=4")
     trainer.create_model_card()

@@ -12,6 +12,7 @@ import torch
 from test_transformers_fixtures import one_torch_thread, training_args  # noqa: F401 (fixture)
 from transformers import Trainer
 
+import hf_memopt
 from hf_memopt.integrations.optim_args import MEMOPT_NAMES, resolve_optim_args, split_optim_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -66,7 +67,8 @@ def test_resolved_values_are_written_back_and_parse_to_the_same(tmp_path, name):
     args = training_args(tmp_path, optim=name, optim_args=" topc = 3 , buffer_dtype=bfloat16,")
     pairs = split_optim_args(args.optim_args)
     assert pairs["topc"] == "3" and pairs["buffer_dtype"] == "bf16" and pairs["decay"] == "0.7"
-    assert pairs["aggregation"] == ("sum" if name == "memopt_sgd" else "mean")
+    # Critical Momenta has no aggregation argument (its aggregation is fixed, SPEC 1b)
+    assert pairs.get("aggregation") == {"memopt_sgd": "sum", "memopt_adamw_cm": None}.get(name, "mean")
     # Every key the optimizer takes is shown, and the string is a fixed point.
     resolved = resolve_optim_args(name, args.optim_args)
     assert set(pairs) == set(resolved.spec.options)
@@ -75,6 +77,15 @@ def test_resolved_values_are_written_back_and_parse_to_the_same(tmp_path, name):
     assert dict(m.split("=") for m in args.optim_args.replace(" ", "").split(",")) == pairs
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     assert kwargs["topc"] == 3 and kwargs["buffer_dtype"] is torch.bfloat16
+
+
+def test_critical_momenta_refuses_aggregation_and_defaults_to_topc_5(tmp_path):
+    with pytest.raises(ValueError, match="aggregation is not accepted for memopt_adamw_cm"):
+        training_args(tmp_path, optim="memopt_adamw_cm", optim_args="aggregation=mean")
+    args = training_args(tmp_path, optim="memopt_adamw_cm", optim_args="kappa=0.5")
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is hf_memopt.CriticalMomentaAdamW
+    assert kwargs["topc"] == 5 and kwargs["kappa"] == 0.5 and "aggregation" not in kwargs
 
 
 def test_optim_args_none_resolves_to_defaults(tmp_path):

@@ -27,6 +27,7 @@ CLASSES = {
     "memopt_adam": hf_memopt.MemoryAugmentedAdam,
     "memopt_sgd": hf_memopt.MemoryAugmentedSGD,
     "memopt_rmsprop": hf_memopt.MemoryAugmentedRMSprop,
+    "memopt_adamw_cm": hf_memopt.CriticalMomentaAdamW,
 }
 
 
@@ -50,12 +51,13 @@ def test_dispatch_builds_our_class_with_training_args_hyperparameters(tmp_path, 
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     assert cls is CLASSES[name]
     assert kwargs["lr"] == 3e-3
-    if name in ("memopt_adamw", "memopt_adam"):
+    if name in ("memopt_adamw", "memopt_adam", "memopt_adamw_cm"):
         assert kwargs["betas"] == (0.8, 0.999) and kwargs["eps"] == 1e-7
     else:
         assert "betas" not in kwargs
-    assert kwargs["topc"] == 10 and kwargs["decay"] == 0.7
-    assert kwargs["aggregation"] == ("sum" if name == "memopt_sgd" else "mean")
+    assert kwargs["topc"] == (5 if name == "memopt_adamw_cm" else 10) and kwargs["decay"] == 0.7
+    # Critical Momenta has no aggregation argument (SPEC 1b)
+    assert kwargs.get("aggregation") == {"memopt_sgd": "sum", "memopt_adamw_cm": None}.get(name, "mean")
     # Everything the Trainer passes is accepted by the class.
     cls([torch.nn.Parameter(torch.zeros(2))], **kwargs)
 

@@ -37,6 +37,7 @@ CLASS_OF = {
     "memopt_adam": hf_memopt.MemoryAugmentedAdam,
     "memopt_sgd": hf_memopt.MemoryAugmentedSGD,
     "memopt_rmsprop": hf_memopt.MemoryAugmentedRMSprop,
+    "memopt_adamw_cm": hf_memopt.CriticalMomentaAdamW,
 }
 
 
@@ -56,6 +57,7 @@ def assert_same_params(a: Trainer, b: Trainer, rtol: float = 1e-6, atol: float =
     ("memopt", "memopt_args", "reference"),
     [
         ("memopt_adamw", "", "adamw_torch"),  # through transformers' own flag
+        ("memopt_adamw_cm", "", "adamw_torch"),  # Critical Momenta: kappa=0 is AdamW too
         # The others through Trainer(optimizer_cls_and_kwargs=...): how transformers reads
         # optim_args for its "sgd"/"rmsprop" differs between 5.x versions.
         ("memopt_sgd", "momentum=0.9,", (torch.optim.SGD, {"momentum": 0.9})),
@@ -189,11 +191,16 @@ def test_step_skipped_by_grad_scaler_leaves_memory_untouched(fused):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "optim_args"),
-    [(torch.float32, "topc=3,buffer_dtype=bf16"), (torch.bfloat16, "topc=3,decay=0.9")],
+    ("optim", "dtype", "optim_args"),
+    [
+        ("memopt_adamw", torch.float32, "topc=3,buffer_dtype=bf16"),
+        ("memopt_adamw", torch.bfloat16, "topc=3,decay=0.9"),
+        ("memopt_adamw_cm", torch.float32, "topc=3,buffer_dtype=bf16"),  # Critical Momenta, the C kernel
+        ("memopt_adamw_cm", torch.bfloat16, "topc=2"),  # Critical Momenta, the torch executor
+    ],
 )
-def test_resume_from_checkpoint_continues_exactly(tmp_path, dtype, optim_args):
-    common = dict(optim="memopt_adamw", optim_args=optim_args, max_steps=6, save_strategy="steps", save_steps=3)
+def test_resume_from_checkpoint_continues_exactly(tmp_path, optim, dtype, optim_args):
+    common = dict(optim=optim, optim_args=optim_args, max_steps=6, save_strategy="steps", save_steps=3)
     straight = train(tmp_path, "straight", model=tiny_bert().to(dtype), **common)
     checkpoint = tmp_path / "straight" / "checkpoint-3"
     assert (checkpoint / "optimizer.pt").is_file()

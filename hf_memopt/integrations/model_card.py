@@ -32,6 +32,23 @@ BIBTEX = """@inproceedings{mcrae2022memory,
 }"""
 
 
+CM_PAPER = (
+    'Malviya, Mordido, Baratin, Babanezhad Harikandeh, Huang, Lacoste-Julien, Pascanu, Chandar, "Promoting '
+    'Exploration in Memory-Augmented Adam using Critical Momenta", TMLR 2024, '
+    "[OpenReview sHSkJqyQgW](https://openreview.net/forum?id=sHSkJqyQgW), "
+    "[arXiv:2307.09638](https://arxiv.org/abs/2307.09638)"
+)
+CM_BIBTEX = r"""@article{malviya2024promoting,
+  title   = {Promoting Exploration in Memory-Augmented Adam using Critical Momenta},
+  author  = {Malviya, Pranshu and Mordido, Gon{\c{c}}alo and Baratin, Aristide and Babanezhad Harikandeh, Reza
+             and Huang, Jerry and Lacoste-Julien, Simon and Pascanu, Razvan and Chandar, Sarath},
+  journal = {Transactions on Machine Learning Research (TMLR)},
+  year    = {2024},
+  url     = {https://openreview.net/forum?id=sHSkJqyQgW},
+  note    = {arXiv:2307.09638}
+}"""
+
+
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The hf_memopt optimizer inside accelerate/DeepSpeed wrappers, or None."""
     seen = 0
@@ -134,10 +151,11 @@ def hyperparameters(args: Any, optimizer: Any = None) -> dict[str, str]:
         for key, value in resolve_optim_args(spec.name, args.optim_args).values().items():
             rows[key] = format_value(value)
     clip = getattr(args, "max_grad_norm", None)
+    stored = "momenta built from gradients" if spec.critical_momenta else "gradients"
     rows["max_grad_norm"] = (
-        f"{clip} (the memory stores gradients after clipping to this global norm)"
+        f"{clip} (the memory stores {stored} after clipping to this global norm)"
         if clip
-        else f"{clip} (no clipping: the memory stores raw gradients)"
+        else f"{clip} (no clipping: the memory stores {stored.replace('gradients', 'raw gradients')})"
     )
     return rows
 
@@ -185,14 +203,28 @@ def optimizer_section(args: Any, optimizer: Any = None) -> str:
     if spec is None:
         raise ValueError("optimizer_section needs a memopt optimizer")
     rows = hyperparameters(args, optimizer)
+    if spec.critical_momenta:
+        method = (
+            f"Trained with `hf_memopt.{spec.class_name}` (Critical Momenta): `{spec.torch_counterpart}` whose "
+            "momentum is aggregated with a memory of critical momenta. Each parameter tensor keeps the `topc` past "
+            "momenta whose step had the largest gradient norm; their priorities decay by `decay` each step, and the "
+            "second moment and the update use the current momentum plus `kappa` times the mean of the stored ones. "
+            "Method: " + CM_PAPER + ", built on the critical-gradient memory of " + PAPER + "."
+        )
+        citations = [CM_BIBTEX, BIBTEX]
+    else:
+        method = (
+            f"Trained with `hf_memopt.{spec.class_name}`: `{spec.torch_counterpart}` whose gradient is aggregated "
+            "with a memory of critical gradients. Each parameter tensor keeps the `topc` past gradients with the "
+            "largest norm; their priorities decay by `decay` each step, and the update uses the current gradient "
+            "combined with the stored ones (weight `kappa`). Method: " + PAPER + "."
+        )
+        citations = [BIBTEX]
     lines = [
         START,
         f"### Optimizer: {spec.name}",
         "",
-        f"Trained with `hf_memopt.{spec.class_name}`: `{spec.torch_counterpart}` whose gradient is aggregated "
-        "with a memory of critical gradients. Each parameter tensor keeps the `topc` past gradients with the "
-        "largest norm; their priorities decay by `decay` each step, and the update uses the current gradient "
-        "combined with the stored ones (weight `kappa`). Method: " + PAPER + ".",
+        method,
         "",
         "| hyperparameter | value |",
         "|:--|:--|",
@@ -213,7 +245,7 @@ def optimizer_section(args: Any, optimizer: Any = None) -> str:
     executor_lines = executors(inner) if inner is not None else []
     if executor_lines:
         lines += ["", "Executor that ran each param group:", "", *executor_lines]
-    lines += ["", "#### Citation", "", "```bibtex", BIBTEX, "```", END]
+    lines += ["", "#### Citation", "", "```bibtex", "\n\n".join(citations), "```", END]
     return "\n".join(lines) + "\n"
 
 

@@ -143,8 +143,12 @@ class OptimizerSpec:
     torch_counterpart: str
     adam_style: bool
     """True: ``betas``/``eps`` come from ``adam_beta1``/``adam_beta2``/``adam_epsilon``."""
-    default_aggregation: str
+    default_aggregation: str | None
+    """None: the optimizer has no ``aggregation`` argument (Critical Momenta), and the key is refused."""
     base_options: dict[str, Option] = field(default_factory=dict)
+    default_topc: int = 10
+    critical_momenta: bool = False
+    """The memory holds momenta (SPEC 1b), not gradients: model cards describe and cite it so."""
 
     @property
     def member_name(self) -> str:
@@ -155,7 +159,13 @@ class OptimizerSpec:
     def options(self) -> dict[str, Option]:
         """Every key ``optim_args`` accepts for this optimizer, memory keys first, ``save_memory`` last."""
         memory = dict(_MEMORY_OPTIONS)
-        memory["aggregation"] = Option(memory["aggregation"].parse, self.default_aggregation, memory["aggregation"].doc)
+        memory["topc"] = Option(memory["topc"].parse, self.default_topc, memory["topc"].doc)
+        if self.default_aggregation is None:
+            del memory["aggregation"]
+        else:
+            memory["aggregation"] = Option(
+                memory["aggregation"].parse, self.default_aggregation, memory["aggregation"].doc
+            )
         return {**memory, **self.base_options, "save_memory": _SAVE_MEMORY}
 
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
@@ -215,6 +225,16 @@ SPECS: dict[str, OptimizerSpec] = {
                 "foreach": _FOREACH,
             },
         ),
+        OptimizerSpec(
+            "memopt_adamw_cm",
+            "CriticalMomentaAdamW",
+            "torch.optim.AdamW",
+            adam_style=True,
+            default_aggregation=None,
+            base_options={"amsgrad": _AMSGRAD, "maximize": _MAXIMIZE, "foreach": _FOREACH, "fused": _FUSED},
+            default_topc=5,
+            critical_momenta=True,
+        ),
     )
 }
 
@@ -243,7 +263,7 @@ class ResolvedOptimArgs:
     def constructor_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the optimizer class (besides lr/betas/eps/weight_decay)."""
         # the typed values (buffer_dtype as a torch.dtype), not the param-group form
-        memory = {name: getattr(self.memory, name) for name in MEMORY_ARG_NAMES}
+        memory = {name: getattr(self.memory, name) for name in MEMORY_ARG_NAMES if name in self.spec.options}
         return {**memory, **self.base, "save_memory": self.save_memory}
 
     def values(self) -> dict[str, Any]:
@@ -297,6 +317,11 @@ def _unknown_key_message(key: str, spec: OptimizerSpec) -> str:
             "(the Trainer passes it as it does for adamw_torch)"
         )
     allowed = ", ".join(f"{k} ({opt.doc})" for k, opt in spec.options.items())
+    if key == "aggregation" and spec.default_aggregation is None:
+        return (
+            f"optim_args: aggregation is not accepted for {spec.name}: Critical Momenta's aggregation is fixed "
+            f"(m + kappa*S/n, the stored momenta's mean added to the momentum). Allowed keys: {allowed}"
+        )
     close = difflib.get_close_matches(key, list(spec.options), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"optim_args: unknown key {key!r} for {spec.name}.{hint} Allowed keys: {allowed}"
@@ -319,7 +344,7 @@ def resolve_optim_args(optim: Any, optim_args: str | Mapping[str, str] | None) -
             raise ValueError(_unknown_key_message(key, spec))
         values[key] = options[key].parse(key, str(text))
     try:
-        memory = MemoryConfig(**{key: values[key] for key in _MEMORY_OPTIONS})
+        memory = MemoryConfig(**{key: values[key] for key in _MEMORY_OPTIONS if key in options})
     except ValueError as err:
         raise ValueError(f"optim_args: {err}") from None
     base = {key: values[key] for key in spec.base_options}
