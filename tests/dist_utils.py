@@ -103,10 +103,11 @@ def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DE
 
 # -- the shared toy problem ------------------------------------------------------------------
 
-#: (key, aggregation, buffer_dtype) of the parity runs: every combination the issue names.
+#: (key, aggregation, buffer_dtype) of the parity runs: every combination the issue names, then two of
+#: Critical Momenta (aggregation "cm": CriticalMomentaAdamW, SPEC 1b), one per key and buffer dtype.
 PARITY_CONFIGS = [
     (key, agg, buf) for key in ("tensor", "group") for agg in ("mean", "sum", "mid") for buf in ("fp32", "bf16")
-]
+] + [("tensor", "cm", "bf16"), ("group", "cm", "fp32")]
 STEPS = 10
 #: few slots, so that replacement (the part that depends on priorities) happens within STEPS
 OPT_KW = dict(lr=1e-2, topc=3, decay=0.7, weight_decay=0.01)
@@ -137,6 +138,15 @@ def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return torch.nn.functional.mse_loss(model(x), y)
 
 
+def optimizer_for(aggregation: str) -> tuple[type, dict[str, Any]]:
+    """The class of a parity config and its aggregation keyword: ``"cm"`` is CriticalMomentaAdamW, which has none."""
+    import hf_memopt
+
+    if aggregation == "cm":
+        return hf_memopt.CriticalMomentaAdamW, {}
+    return hf_memopt.MemoryAugmentedAdamW, {"aggregation": aggregation}
+
+
 def reference_run(
     key: str, aggregation: str, buffer_dtype: str, world_size: int, steps: int = STEPS, **kw: Any
 ) -> dict[str, torch.Tensor]:
@@ -146,12 +156,9 @@ def reference_run(
     DeepSpeed average them on 2 ranks, so the sharded runs see bitwise the same gradients and any
     difference comes from the optimizer.
     """
-    from hf_memopt import MemoryAugmentedAdamW
-
+    cls, agg_kw = optimizer_for(aggregation)
     model = make_model()
-    opt = MemoryAugmentedAdamW(
-        param_groups(model), key=key, aggregation=aggregation, buffer_dtype=buffer_dtype, **{**OPT_KW, **kw}
-    )
+    opt = cls(param_groups(model), key=key, buffer_dtype=buffer_dtype, **agg_kw, **{**OPT_KW, **kw})
     for step in range(steps):
         grads = None
         for r in range(world_size):

@@ -41,7 +41,8 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {"ddp": {}, "zero": {}}
     for key, agg, buf in du.PARITY_CONFIGS[::3]:
         model = du.make_model()
-        opt = MemoryAugmentedAdamW(du.param_groups(model), key=key, aggregation=agg, buffer_dtype=buf, **du.OPT_KW)
+        cls, agg_kw = du.optimizer_for(agg)
+        opt = cls(du.param_groups(model), key=key, buffer_dtype=buf, **agg_kw, **du.OPT_KW)
         ddp = _ddp(model)
         _train(ddp, opt, rank, du.STEPS)
         params = {n: p.detach() for n, p in model.named_parameters()}
@@ -51,13 +52,9 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
     for key, agg, buf in du.PARITY_CONFIGS:
         model = du.make_model()
         ddp = _ddp(model)
+        cls, agg_kw = du.optimizer_for(agg)
         opt = ZeroRedundancyOptimizer(
-            du.param_groups(model),
-            optimizer_class=MemoryAugmentedAdamW,
-            key=key,
-            aggregation=agg,
-            buffer_dtype=buf,
-            **du.OPT_KW,
+            du.param_groups(model), optimizer_class=cls, key=key, buffer_dtype=buf, **agg_kw, **du.OPT_KW
         )
         if key == "group":  # the group sum spans tensors other ranks optimize: the explicit call
             zero.attach(opt)

@@ -26,11 +26,11 @@ def ds_config(stage: int, **zero: Any) -> dict[str, Any]:
 
 
 def engine_for(stage: int, bind: bool = True, seed: int = 0, zero: dict[str, Any] | None = None, **opt_kw: Any) -> Any:
-    from hf_memopt import MemoryAugmentedAdamW
     from hf_memopt.distributed import deepspeed as ds_adapter
 
     model = du.make_model(seed)
-    opt = MemoryAugmentedAdamW(du.param_groups(model), **{**du.OPT_KW, **opt_kw})
+    cls, agg_kw = du.optimizer_for(opt_kw.pop("aggregation", "mean"))
+    opt = cls(du.param_groups(model), **agg_kw, **{**du.OPT_KW, **opt_kw})
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, **(zero or {})))
     if bind:
         ds_adapter.bind(engine)

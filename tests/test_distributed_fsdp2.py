@@ -50,7 +50,8 @@ def _parity(rank: int, world_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {"diff": {}}
     for key, agg, buf in du.PARITY_CONFIGS:
         model = _shard(du.make_model())
-        opt = MemoryAugmentedAdamW(du.param_groups(model), key=key, aggregation=agg, buffer_dtype=buf, **du.OPT_KW)
+        cls, agg_kw = du.optimizer_for(agg)
+        opt = cls(du.param_groups(model), key=key, buffer_dtype=buf, **agg_kw, **du.OPT_KW)
         if (key, agg, buf) == ("group", "mean", "bf16"):
             opt.check_rank_consistency = True  # the debug switch must not fire on a correct run
         _train(model, opt, rank, du.STEPS)
@@ -128,6 +129,11 @@ SAVED_STEPS, MORE_STEPS = 5, 4
 CKPT_KW = dict(key="group", buffer_dtype="bf16", **du.OPT_KW)
 
 
+def _ckpt_optimizer(model: torch.nn.Module, aggregation: str) -> Any:
+    cls, agg_kw = du.optimizer_for(aggregation)
+    return cls(du.param_groups(model), **agg_kw, **CKPT_KW)
+
+
 def _grad_step(model: torch.nn.Module, opt: Any, step: int) -> None:
     """A gradient that does not depend on the world size: the full tensor, then sharded like the param."""
     from torch.distributed.tensor import distribute_tensor
@@ -155,15 +161,13 @@ def _plugin() -> Any:
     return state, FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
 
 
-def save_worker(rank: int, world_size: int, root: str) -> dict[str, Any] | None:
+def save_worker(rank: int, world_size: int, root: str, aggregation: str = "mean") -> dict[str, Any] | None:
     import torch.distributed.checkpoint as dcp
     from accelerate.utils import save_fsdp_optimizer
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    from hf_memopt import MemoryAugmentedAdamW
-
     model = _shard(du.make_model())
-    opt = MemoryAugmentedAdamW(du.param_groups(model), **CKPT_KW)
+    opt = _ckpt_optimizer(model, aggregation)
     for step in range(SAVED_STEPS):
         _grad_step(model, opt, step)
     dcp.save(
@@ -182,7 +186,7 @@ def save_worker(rank: int, world_size: int, root: str) -> dict[str, Any] | None:
     return {"final": final, "stats": opt.memory_stats()} if rank == 0 else None
 
 
-def load_worker(rank: int, world_size: int, root: str, ways: list[str]) -> dict[str, Any]:
+def load_worker(rank: int, world_size: int, root: str, ways: list[str], aggregation: str = "mean") -> dict[str, Any]:
     """Load the 2-rank checkpoint on ``world_size`` ranks each way in ``ways``, then train on."""
     import torch.distributed.checkpoint as dcp
     from accelerate.utils import load_fsdp_optimizer
@@ -193,14 +197,12 @@ def load_worker(rank: int, world_size: int, root: str, ways: list[str]) -> dict[
         set_optimizer_state_dict,
     )
 
-    from hf_memopt import MemoryAugmentedAdamW
-
     out: dict[str, Any] = {}
     for how in ways:
         saved = torch.load(f"{root}/full.pt", weights_only=True)
         snapshot = copy.deepcopy(saved["optim"])  # loading shares tensors (as torch does): later steps mutate them
         model = _shard(du.make_model(seed=1))  # other initial weights: everything must come from the checkpoint
-        opt = MemoryAugmentedAdamW(du.param_groups(model), **CKPT_KW)
+        opt = _ckpt_optimizer(model, aggregation)
         full_opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, saved["model"], options=full_opts)
         if how == "dcp":
@@ -263,3 +265,26 @@ def test_fsdp2_checkpoint_round_trip(
     for res in results:  # and training goes on as if never interrupted, on any world size
         assert du.max_diff(res["final"], expected["final"]) < 1e-6
     assert os.path.isdir(os.path.join(root, "accelerate"))
+
+
+@pytest.fixture(scope="module")
+def cm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """Critical Momenta: saved on 2 ranks, loaded with DCP on 3 (resharded), trained on."""
+    root = str(tmp_path_factory.mktemp("fsdp2_cm_ckpt"))
+    saved = du.run(save_worker, 2, root, "cm")[0]
+    return root, saved, du.run(load_worker, 3, root, ["dcp"], "cm")
+
+
+def test_fsdp2_critical_momenta_checkpoint_reshards_exactly(
+    cm_checkpoint: tuple[str, dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    _, expected, loaded = cm_checkpoint
+    results = [r["dcp"] for r in loaded]
+    saved = results[0]["saved"]
+    first = next(iter(saved["state"].values()))
+    assert {"memory_2", "memory_sum", "priority_2", "exp_avg"} <= first.keys()
+    assert first["memory_0"].dtype == torch.bfloat16 and first["exp_avg"].dtype == torch.float32
+    assert saved["param_groups"][0]["aggregation"] == "sum"  # the fixed m + kappa S / n, recorded for the engine
+    _assert_same_state(results[0]["loaded"], saved)
+    for res in results:
+        assert du.max_diff(res["final"], expected["final"]) < 1e-6
