@@ -4,9 +4,10 @@ optimizer section in the model card.
 The plain ``Trainer`` already trains with ``optim="memopt_adamw"`` once hf_memopt is
 imported; this subclass only adds reporting:
 
-* after the first optimizer step, the optimizer-state size is logged once (``memopt/state_bytes``
-  and ``memopt/memory_bytes`` in the Trainer's logs, and a readable INFO line on the
-  ``hf_memopt.trainer`` logger): a checkpoint's ``optimizer.pt`` is about that size;
+* after the first optimizer step, the optimizer-state size goes into the Trainer's logs once
+  (``memopt/state_bytes`` and ``memopt/memory_bytes``: printed on the console, kept in
+  ``trainer_state.json``, sent to trackers), next to the optimizer's own INFO line on the
+  ``hf_memopt`` logger: a checkpoint's ``optimizer.pt`` is about that size;
 * every logging step that reports the training loss also reports
   ``optimizer.memory_stats()`` under ``memopt/...`` (admissions and rejections since the
   previous logging step, admission rate, fill, mean age in steps, memory and state bytes);
@@ -17,13 +18,12 @@ imported; this subclass only adds reporting:
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from .integrations.model_card import human_bytes, insert_section, optimizer_section, spec_of, unwrap_optimizer
+from .integrations.model_card import insert_section, optimizer_section, spec_of, unwrap_optimizer
 from .integrations.transformers import LIBRARY_TAG, register
 
 register()  # this module is usable on its own: `from hf_memopt.trainer import MemOptTrainer`
@@ -31,11 +31,9 @@ register()  # this module is usable on its own: `from hf_memopt.trainer import M
 #: Prefix of the memory statistics in the logs.
 LOG_PREFIX = "memopt/"
 
-logger = logging.getLogger(__name__)
-
 
 class _StateSizeAtFirstStep(TrainerCallback):
-    """Logs the optimizer-state size once, right after the first optimizer step of this process."""
+    """Puts the optimizer-state size into the Trainer's logs once, right after the first optimizer step."""
 
     def __init__(self, trainer: MemOptTrainer) -> None:
         self.trainer = trainer
@@ -50,12 +48,6 @@ class _StateSizeAtFirstStep(TrainerCallback):
         self.done = True
         stats = optimizer.memory_stats(reset=False)  # leaves the admission counters to the logging steps
         total, memory = int(stats["state_bytes"]), int(stats["memory_bytes"])
-        logger.info(
-            "Optimizer state after the first step: %s on this process, of which the gradient memory %s. "
-            "A checkpoint's optimizer.pt is about that size; optim_args save_memory=false leaves the memory out.",
-            human_bytes(total),
-            human_bytes(memory),
-        )
         # Its own log entry (printed by the Trainer's console callbacks, kept in log_history, sent to
         # trackers). Logging clears control.should_log, which may be set for this very step's loss log.
         should_log = control.should_log

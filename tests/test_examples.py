@@ -173,7 +173,10 @@ def test_examples_write_no_checkpoints_unasked_and_log_the_state_size(glue_run: 
     # --save_steps 2 without --save_strategy: the scripts' default (no) wins, so nothing but the final model.
     assert not list(out.glob("checkpoint-*")) and not (out / "optimizer.pt").exists()
     assert "No checkpoints during training (--save_strategy no" in log
-    assert log.count("Optimizer state after the first step: ") == 1
+    # The optimizer-state size is on the console and in the history right after the first step.
+    assert log.count("{'memopt/state_bytes': ") == 1
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "memopt/state_bytes" in e and "loss" not in e] == [1]
     # Quiet by default: no argument dump, no WARNING for a plain single-process run.
     assert "Training/evaluation parameters" not in log and "WARNING - run_glue - Process rank" not in log
     assert any(" - INFO - " in line and "Process rank: 0 of 1" in line for line in log.splitlines())

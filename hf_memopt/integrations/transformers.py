@@ -341,7 +341,8 @@ def _optim_args_help(original: str) -> str:
         if extra:
             lines.append(f"{name} also: " + ", ".join(extra) + ";")
     lines.append(
-        'e.g. "topc=5,decay=0.9,buffer_dtype=bf16". lr, betas, eps and weight_decay come from their own flags.'
+        'e.g. "topc=5,decay=0.9,buffer_dtype=bf16". The learning rate, weight decay and Adam\'s betas and epsilon '
+        "come from their own flags."
     )
     return " ".join(lines)
 
