@@ -60,7 +60,7 @@ def assert_same_memory(opt, ref, params):
         stored = ref.stored(i)
         state = opt.state[p]
         assert int(state["memory_count"]) == len(stored), f"tensor {i}: count"
-        torch.testing.assert_close(state["exp_avg"], ref.m[i], **tol, msg=f"tensor {i}: exp_avg is m")
+        torch.testing.assert_close(state["exp_avg"], ref.m[i], **tol, equal_nan=True, msg=f"tensor {i}: exp_avg is m")
         for j, (value, priority) in enumerate(stored):
             got = state[f"memory_{j}"]
             assert got.dtype == value.dtype
@@ -165,6 +165,44 @@ def test_castability_is_tested_on_m_not_g(executor, buffer_dtype, g, beta1, stor
     st = opt.state[params[0]]
     assert int(st["memory_count"]) == (3 if stored else 2)
     assert torch.isfinite(st["memory_sum"]).all()
+
+
+@pytest.mark.parametrize("buffer_dtype", [None, torch.bfloat16], ids=["param-dtype", "bf16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("executor", ROWS)
+def test_a_momentum_poisoned_by_a_non_finite_gradient_is_never_stored(executor, bad, buffer_dtype, monkeypatch):
+    """A finite k says g is finite, not m: after one non-finite g, m stays non-finite and is never stored
+    again (SPEC 1.3 applied to m), though later gradients are finite."""
+    memory = dict(topc=3, decay=0.9, kappa=1.0, key="tensor", buffer_dtype=buffer_dtype)
+    good = [torch.tensor([1.0, -1.0]), torch.tensor([0.5, 2.0])]
+    stream = [good, [torch.tensor([bad, 1.0]), good[1]], good, good, good]
+    params = [torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    opt, ref, params, _ = run(executor, stream, monkeypatch, memory, dict(lr=1e-2, weight_decay=0.0), params)
+    assert int(opt.state[params[0]]["memory_count"]) == 1  # step 1's m only
+    assert int(opt.state[params[1]]["memory_count"]) == 3
+    assert not torch.isfinite(opt.state[params[0]]["exp_avg"]).all()
+
+
+@pytest.mark.skipif(not KERNEL, reason="no C compiler here")
+def test_the_kernel_forgets_its_bound_on_m_when_another_executor_wrote_m(monkeypatch):
+    """The C kernel skips its pass over m while a bound on |m| says m is finite; a step by the "torch"
+    executor in between (a NaN gradient poisons m there) must void that bound."""
+    memory = dict(topc=3, decay=0.9, kappa=1.0, key="tensor", buffer_dtype=torch.bfloat16)
+    params = [torch.zeros(2, requires_grad=True)]
+    ref_params = clone_params(params)
+    opt = hf_memopt.CriticalMomentaAdamW(params, lr=1e-2, **memory, executor="cpu")
+    ref = ReferenceCriticalMomenta(ref_params, lr=1e-2, **memory)
+    stream = (
+        [[torch.tensor([1.0, -1.0])]] * 2 + [[torch.tensor([float("nan"), 1.0])]] + [[torch.tensor([2.0, 1.0])]] * 2
+    )
+    for t, grads in enumerate(stream):
+        opt.executor = "torch" if t == 2 else "cpu"
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref.step()
+        assert_same_memory(opt, ref, params)
+    assert opt.executor_for(0) == "cpu" and int(opt.state[params[0]]["memory_count"]) == 2
 
 
 @pytest.mark.parametrize("executor", ROWS)

@@ -87,7 +87,9 @@ def plan_groups(
                     # under Critical Momenta (SPEC 1b.4), whose max-abs is only known after its lerp
                     x = g if w.admit is None else w.admit[i]
                     max_views.append(views[-1] if x is g else st.unit_view(x, start, numel, start < 0))
-                    view_max.append(needs_max(w.cfg, x.dtype))
+                    # a finite k says g is finite, not m: m stays non-finite after one non-finite g
+                    # (SPEC 1.3 then refuses every m), so m is always checked
+                    view_max.append(needs_max(w.cfg, x.dtype) or x is not g)
                     out.append((len(units), (p, i, si, start)))
                 units.append((p, si))
                 unit_group.append(gi)
@@ -96,7 +98,10 @@ def plan_groups(
     own_max = all(m is v for m, v in zip(max_views, views))
     sq_local, max_local = local_sq_norms(views, with_max=any(view_max) and own_max)
     if any(view_max) and not own_max:
-        max_local = local_sq_norms(max_views, with_max=True)[1]  # one more batched pass, same device
+        sq_x, max_local = local_sq_norms(max_views, with_max=True)  # one more batched pass, same device
+        assert max_local is not None
+        # a max-abs reduction may pass over a NaN; the sum of squares does not
+        max_local = torch.where(sq_x.isfinite().to(max_local.device), max_local, float("inf"))
     if max_local is not None and reducer is not None:
         # A shard's max-abs is not the tensor's: mark a unit whose local part cannot be cast as
         # non-finite, which the all-reduce carries to every rank (nothing of its priority group is
@@ -131,8 +136,8 @@ def plan_groups(
         rows = [(st.ledger_of(s, cfg.topc, opt._ledgers), si) for s, (_, (_p, _i, si, _start)) in zip(states, out)]
         pri, at, count, clock = st.gather(rows)
         castable = None
-        if max_abs is not None and cfg.buffer_dtype is not None:
-            castable = rule.finite_in(max_abs[[position[u] for u, _ in out]], cfg.buffer_dtype)
+        if max_abs is not None and (cfg.buffer_dtype is not None or w.admit is not None):
+            castable = _castable(max_abs[[position[u] for u, _ in out]], cfg)
         d = rule.decide(pri, count, clock, k[[u for u, _ in out]], cfg, castable)
         w.plan = HostPlan([unit for _, unit in out], states, rows, pri, at, d)
 
@@ -145,14 +150,21 @@ def _not_castable(
     view_pos: list[int],
     device: torch.device,
 ) -> Tensor | None:
-    """Per view: True where its gradient is not finite in its group's buffer dtype (None: none is)."""
+    """Per view: True where the value it stores (g, or m) is not finite in its group's buffer dtype (None: none is)."""
     position = {u: v for v, u in enumerate(view_pos)}
     bad = torch.zeros(len(view_pos), dtype=torch.bool)
     host_max = max_local.cpu().numpy()
     for w in layout:
-        if w.cfg.buffer_dtype is None:
+        if w.cfg.buffer_dtype is None and w.admit is None:
             continue
         idx = [position[u] for u, _ in entries[id(w)] if view_max[position[u]]]
         if idx:
-            bad[idx] = torch.from_numpy(~rule.finite_in(host_max[idx], w.cfg.buffer_dtype))
+            bad[idx] = torch.from_numpy(~_castable(host_max[idx], w.cfg))
     return bad.to(device) if bool(bad.any()) else None
+
+
+def _castable(max_abs: np.ndarray, cfg: MemoryConfig) -> np.ndarray:
+    """Whether values of these max-abs are finite once stored (in ``buffer_dtype``; None: their own dtype)."""
+    if cfg.buffer_dtype is None:
+        return np.isfinite(max_abs)
+    return rule.finite_in(max_abs, cfg.buffer_dtype)

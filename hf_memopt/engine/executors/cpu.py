@@ -111,6 +111,8 @@ def _fused_table(opt: Any, work: Any) -> _FusedTable:
     if param_ptrs != table.param_ptrs:
         table = _FusedTable(opt, work, args)
         opt._executor_cache[("cpu", work.index)] = table
+    if args.momentum:
+        table.check_momenta(args.exp_avgs)
     table.q[:, COLUMNS.fused_ptrs.GRAD] = [
         (g if type(g) is Tensor else st.local_tensor(g)).data_ptr() for g in work.lists["grads"]
     ]
@@ -191,6 +193,10 @@ class _FusedTable:
         self.ints = np.zeros((n, len(J)), dtype=np.int64)
         self.floats = np.zeros((n, len(H)), dtype=np.float64)
         self.numels = np.zeros(n, dtype=np.int64)
+        # Critical Momenta: per unit, a bound on |m| the kernel keeps between steps (+inf: unknown), valid
+        # while only the kernel writes m (its writes leave torch's version counters alone)
+        self.m_bound = np.full(n, np.inf, dtype=np.float64)
+        self.m_versions: list[int] = [] if not args.momentum else [st.local_tensor(m)._version for m in args.exp_avgs]
         self.slot_ptrs = np.zeros(n * cfg.topc, dtype=np.int64)
         self.ledgers: list[st.Ledger] = []
         self.anchors: list[Tensor] = []
@@ -226,6 +232,7 @@ class _FusedTable:
             row[P.SUM], row[P.STEP] = s.data_ptr(), step.data_ptr()
             row[P.PRI], row[P.STORED_AT] = led.priorities.ctypes.data, led.stored_at.ctypes.data
             row[P.COUNT], row[P.CLOCK] = led.count.ctypes.data, led.clock.ctypes.data
+            row[P.M_BOUND] = self.m_bound.ctypes.data + j * self.m_bound.itemsize
             self.slot_ptrs[j * cfg.topc : (j + 1) * cfg.topc] = [x.data_ptr() for x in slots]
             ints = self.ints[j]
             ints[J.TOPC], ints[J.SLOTS] = cfg.topc, j * cfg.topc
@@ -236,6 +243,14 @@ class _FusedTable:
             self.numels[j] = lp.numel()
         self.floats[:, H.KAPPA] = cfg.kappa
         self.floats[:, H.DECAY] = cfg.decay
+
+    def check_momenta(self, exp_avgs: list[Tensor]) -> None:
+        """Forget the bounds on |m| if anything but the kernel wrote a momentum since the last step (a torch op
+        bumps the tensor's version counter: e.g. a step taken by the "torch" executor in between)."""
+        versions = [st.local_tensor(m)._version for m in exp_avgs]
+        if versions != self.m_versions:
+            self.m_bound[:] = np.inf
+            self.m_versions = versions
 
     def still_valid(self, opt: Any, work: Any, args: Any) -> bool:
         lists = [args.exp_avgs, args.exp_avg_sqs, args.steps] + ([args.max_exp_avg_sqs] if args.amsgrad else [])

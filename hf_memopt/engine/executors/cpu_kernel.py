@@ -57,7 +57,7 @@ class _Columns:
     step_floats = Table("COEF_G", "COEF_S", "LR", "WD", "BETA1", "BETA2", "EPS", "STEP_SIZE", "BC2_SQRT")
     fused_ptrs = Table(
         *("PARAM", "GRAD", "EXP_AVG", "EXP_AVG_SQ", "MAX_EXP_AVG_SQ", "SUM", "STEP"),
-        *("PRI", "STORED_AT", "COUNT", "CLOCK"),
+        *("PRI", "STORED_AT", "COUNT", "CLOCK", "M_BOUND"),
     )
     fused_ints = Table("TOPC", "SLOTS", "GROUP", "AGG", "SLOT_BF16", "AMSGRAD", "MAXIMIZE", "DECOUPLED", "MOMENTUM")
     fused_floats = Table("KAPPA", "DECAY", "LR", "WD", "BETA1", "BETA2", "EPS")

@@ -10,6 +10,7 @@
  * update mirrors the "torch" executor's admission: S = (S - evicted) + stored, stored = g rounded to the slot
  * dtype (bf16 with round-to-nearest-even, as c10::BFloat16).
  */
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -26,7 +27,7 @@
 /* memopt_adam_fused: the whole step, decisions included */
 #define FUSED_PTRS(X)                                                                                      \
     X(Q, PARAM) X(Q, GRAD) X(Q, EXP_AVG) X(Q, EXP_AVG_SQ) X(Q, MAX_EXP_AVG_SQ) X(Q, SUM) X(Q, STEP) X(Q, PRI) \
-        X(Q, STORED_AT) X(Q, COUNT) X(Q, CLOCK)
+        X(Q, STORED_AT) X(Q, COUNT) X(Q, CLOCK) X(Q, M_BOUND)
 #define FUSED_INTS(X)                                                                                   \
     X(J, TOPC) X(J, SLOTS) X(J, GROUP) X(J, AGG) X(J, SLOT_BF16) X(J, AMSGRAD) X(J, MAXIMIZE) X(J, DECOUPLED) \
         X(J, MOMENTUM)
@@ -303,13 +304,15 @@ static void cm_max_chunk(const job_t *job, int64_t c) {
     const float w1 = (float)job->floats[2 * u], sign = (float)job->floats[2 * u + 1];
     const int small_w1 = w1 < 0.5f;
     float mx = 0.0f;
+    int finite = 1;
     for (int64_t i = lo; i < hi; ++i) {
         const float gi = g[i] * sign, m0 = m[i];
         const float mi = cm_lerp(m0, gi, w1, small_w1);
         const float a = fabsf(mi);
-        mx = a > mx ? a : mx; /* a NaN is passed over: its gradient's norm is NaN, so it is not stored */
+        mx = a > mx ? a : mx;
+        finite &= a <= FLT_MAX; /* false for inf and NaN: an m poisoned by an earlier non-finite g */
     }
-    job->partials[c] = (double)mx;
+    job->partials[c] = finite ? (double)mx : INFINITY;
 }
 static void sq_max_chunk_fn(const job_t *job, int64_t c) { sq_max_chunk(job, c, 1); }
 
@@ -404,7 +407,8 @@ int memopt_sq_norms(int64_t n_units, const int64_t *ptrs, const int64_t *numels,
     return 0;
 }
 
-/* out_max[u] = the largest |lerp(m, sign * g, w1)| of unit u (Critical Momenta's castability test). */
+/* out_max[u] = the largest |lerp(m, sign * g, w1)| of unit u, +inf when one is not finite (Critical Momenta's
+ * castability test). */
 static int cm_max(int64_t n_units, const int64_t *ptrs, const double *floats, const int64_t *numels, float *out_max,
                   int n_threads) {
     job_t job = {cm_max_chunk, n_units, ptrs, NULL, floats, NULL, NULL, NULL, 0, 0, 0, NULL};
@@ -434,6 +438,14 @@ static int cm_max(int64_t n_units, const int64_t *ptrs, const double *floats, co
  * Columns of the per-unit tables: */
 /* (FUSED_PTRS: the tensors, step being an fp32 scalar, then the ledger row: f32[C], i64[C], i64, i64.) */
 #define REFRESH_INTERVAL 128
+/* Critical Momenta stores m, and a finite k only says that g is finite. The new m = lerp(m, g, w) is a convex
+ * combination: |m'| <= max(|m|, |g|) up to a rounding. So a unit whose bound on |m| (M_BOUND, one double per
+ * unit kept by the caller between steps; +inf: unknown) and whose max |g| are both below CM_SAFE has a finite m'
+ * that is finite in bf16 too (g - m cannot overflow, and m' stays far below bf16's overflow at 3.3961e38): it
+ * needs no look at m, and its bound grows by CM_GROWTH, far more than a rounding. Other units (the first step of
+ * a table, an m poisoned by a non-finite g, values near fp32's range) take the exact pass over g and m. */
+#define CM_SAFE 1e38
+#define CM_GROWTH (1.0 + 1.0 / 1048576.0)
 
 /* slot_ptrs: for unit u, its topc slot addresses start at slot_ptrs[ints[u, J_SLOTS]].
  * ints[u, J_GROUP]: >= 0 puts the unit in that priority group (key="group"), -1 means key="tensor".
@@ -456,30 +468,41 @@ int memopt_adam_fused(int64_t n_units, const int64_t *q, const int64_t *ints, co
     int rc = -1;
     if (!gptr || !sq || !k || !gsum || !ptrs || !iv || !fv || !gmax || !cm_ptrs || !cm_floats || !cm_numels) goto done;
 
-    /* the max-abs rides along only where a slot dtype narrower than fp32 can overflow (bf16 slots); for
-     * Critical Momenta it is the max-abs of the new m (a separate pass over g and m), not of g */
-    int any_bf16 = 0, any_cm_bf16 = 0;
+    /* the max-abs of g rides along in the norm pass where a slot dtype narrower than fp32 can overflow (bf16
+     * slots), and for every Critical Momenta unit, which stores m: see CM_SAFE */
+    int any_max = 0, any_cm_exact = 0;
     for (int64_t u = 0; u < n_units; ++u) {
         const int64_t *J = ints + u * N_J;
         gptr[u] = q[u * N_Q + Q_GRAD];
-        if (J[J_SLOT_BF16] && J[J_MOMENTUM]) {
-            any_cm_bf16 = 1;
+        any_max |= J[J_SLOT_BF16] || J[J_MOMENTUM];
+    }
+    if (memopt_sq_norms(n_units, gptr, numels, sq, any_max ? gmax : NULL, n_threads) != 0) goto done;
+    for (int64_t u = 0; u < n_units; ++u) {
+        const int64_t *J = ints + u * N_J;
+        if (!J[J_MOMENTUM]) continue;
+        double *bound = (double *)q[u * N_Q + Q_M_BOUND];
+        const double b = *bound > (double)gmax[u] ? *bound : (double)gmax[u];
+        if (isfinite(sq[u]) && b < CM_SAFE) {
+            *bound = b * CM_GROWTH; /* the new m is below it, finite and castable: no pass over m */
+            gmax[u] = 0.0f;
+        } else { /* the exact max-abs of the new m, below */
+            any_cm_exact = 1;
             cm_ptrs[2 * u] = q[u * N_Q + Q_GRAD];
             cm_ptrs[2 * u + 1] = q[u * N_Q + Q_EXP_AVG];
             cm_floats[2 * u] = (double)(float)(1.0 - floats[u * N_H + H_BETA1]);
             cm_floats[2 * u + 1] = J[J_MAXIMIZE] ? -1.0 : 1.0;
             cm_numels[u] = numels[u];
-        } else {
-            any_bf16 |= J[J_SLOT_BF16] != 0;
         }
     }
-    if (memopt_sq_norms(n_units, gptr, numels, sq, any_bf16 ? gmax : NULL, n_threads) != 0) goto done;
-    if (any_cm_bf16) {
+    if (any_cm_exact) {
         float *cmax = (float *)calloc((size_t)n_units, sizeof(float));
         if (!cmax) goto done;
         const int cm_rc = cm_max(n_units, cm_ptrs, cm_floats, cm_numels, cmax, n_threads);
         for (int64_t u = 0; u < n_units; ++u)
-            if (cm_numels[u]) gmax[u] = cmax[u];
+            if (cm_numels[u]) {
+                gmax[u] = cmax[u]; /* +inf when the new m is not finite: then it is never stored */
+                *(double *)q[u * N_Q + Q_M_BOUND] = (double)cmax[u];
+            }
         free(cmax);
         if (cm_rc != 0) goto done;
     }
@@ -516,7 +539,7 @@ int memopt_adam_fused(int64_t n_units, const int64_t *q, const int64_t *ints, co
         }
         const float k32 = (float)k[u]; /* reduced in fp64, rounded to fp32 before the finiteness test */
         /* a g (Critical Momenta: an m) that is not finite once cast to the slot dtype is never stored (SPEC 1.3) */
-        const int castable = !J[J_SLOT_BF16] || (f32_to_bf16(gmax[u]) & 0x7FFFu) != 0x7F80u;
+        const int castable = isfinite(gmax[u]) && (!J[J_SLOT_BF16] || (f32_to_bf16(gmax[u]) & 0x7FFFu) != 0x7F80u);
         int64_t mode = MODE_NONE, slot = -1;
         if (isfinite(k32) && castable) {
             if (n < topc) {
