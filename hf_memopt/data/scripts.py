@@ -2,8 +2,8 @@
 
 * :func:`setup_logging`: our INFO lines (which data and model ran) on the main process, the libraries at the
   run's log level, and no progress bars at all with ``--disable_tqdm true``;
-* :func:`log_run_setup`: one line on the process layout (a WARNING only for a launch that did not become
-  distributed), the full ``TrainingArguments`` only at DEBUG (``--log_level debug``);
+* :func:`log_run_setup`: one line on the process layout (a WARNING on every process only under a
+  multi-process launch), the full ``TrainingArguments`` only at DEBUG (``--log_level debug``);
 * :func:`script_defaults`: no checkpoints during training unless asked (a checkpoint of a memopt
   optimizer holds ``topc`` gradient copies per parameter: 4.1 GB for SmolLM2-135M), no pinned memory
   without an accelerator;
@@ -72,12 +72,13 @@ def setup_logging(training_args: Any, *logger_names: str) -> None:
 
 
 def log_run_setup(logger: logging.Logger, training_args: Any) -> None:
-    """The process layout (WARNING on every process if a multi-process launch did not become distributed, else
-    INFO), whether checkpoints are written, and the full arguments at DEBUG."""
+    """The process layout (a WARNING, so shown by every process, under a multi-process launch: it shows one that
+    did not become distributed; INFO for a single process), whether checkpoints are written, and the full
+    arguments at DEBUG."""
     distributed = training_args.parallel_mode.value == "distributed"
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     logger.log(
-        logging.WARNING if launched > 1 and not distributed else logging.INFO,
+        logging.WARNING if launched > 1 else logging.INFO,
         "Process rank: %d of %d, device: %s, distributed training: %s",
         training_args.process_index,
         training_args.world_size,
