@@ -440,10 +440,11 @@ static int cm_max(int64_t n_units, const int64_t *ptrs, const double *floats, co
 #define REFRESH_INTERVAL 128
 /* Critical Momenta stores m, and a finite k only says that g is finite. The new m = lerp(m, g, w) is a convex
  * combination: |m'| <= max(|m|, |g|) up to a rounding. So a unit whose bound on |m| (M_BOUND, one double per
- * unit kept by the caller between steps; +inf: unknown) and whose max |g| are both below CM_SAFE has a finite m'
- * that is finite in bf16 too (g - m cannot overflow, and m' stays far below bf16's overflow at 3.3961e38): it
- * needs no look at m, and its bound grows by CM_GROWTH, far more than a rounding. Other units (the first step of
- * a table, an m poisoned by a non-finite g, values near fp32's range) take the exact pass over g and m. */
+ * unit kept by the caller between steps; +inf: unknown) and whose |g| (bounded by its L2 norm, known from the
+ * norm pass: no max-abs needed) are both below CM_SAFE has an m' that is finite, in bf16 too (g - m cannot
+ * overflow, and m' stays far below bf16's overflow at 3.3961e38): it needs no look at m, and its bound grows by
+ * CM_GROWTH, far more than a rounding. Other units (the first step of a table, an m poisoned by a non-finite g,
+ * values near fp32's range) take the exact pass over g and m. */
 #define CM_SAFE 1e38
 #define CM_GROWTH (1.0 + 1.0 / 1048576.0)
 
@@ -469,19 +470,20 @@ int memopt_adam_fused(int64_t n_units, const int64_t *q, const int64_t *ints, co
     if (!gptr || !sq || !k || !gsum || !ptrs || !iv || !fv || !gmax || !cm_ptrs || !cm_floats || !cm_numels) goto done;
 
     /* the max-abs of g rides along in the norm pass where a slot dtype narrower than fp32 can overflow (bf16
-     * slots), and for every Critical Momenta unit, which stores m: see CM_SAFE */
+     * slots; Critical Momenta stores m, not g, and needs no max-abs of g: see CM_SAFE) */
     int any_max = 0, any_cm_exact = 0;
     for (int64_t u = 0; u < n_units; ++u) {
         const int64_t *J = ints + u * N_J;
         gptr[u] = q[u * N_Q + Q_GRAD];
-        any_max |= J[J_SLOT_BF16] || J[J_MOMENTUM];
+        any_max |= J[J_SLOT_BF16] && !J[J_MOMENTUM];
     }
     if (memopt_sq_norms(n_units, gptr, numels, sq, any_max ? gmax : NULL, n_threads) != 0) goto done;
     for (int64_t u = 0; u < n_units; ++u) {
         const int64_t *J = ints + u * N_J;
         if (!J[J_MOMENTUM]) continue;
         double *bound = (double *)q[u * N_Q + Q_M_BOUND];
-        const double b = *bound > (double)gmax[u] ? *bound : (double)gmax[u];
+        const double gnorm = sqrt(sq[u]); /* >= max |g|, and known already: no max-abs pass */
+        const double b = *bound > gnorm ? *bound : gnorm;
         if (isfinite(sq[u]) && b < CM_SAFE) {
             *bound = b * CM_GROWTH; /* the new m is below it, finite and castable: no pass over m */
             gmax[u] = 0.0f;
