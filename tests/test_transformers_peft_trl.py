@@ -72,7 +72,10 @@ def _word_tokenizer():
     return tokenizer, words
 
 
-def test_trl_sft_trainer_with_the_flag(tmp_path):
+@pytest.mark.parametrize(
+    ("optim", "cls_name"), [("memopt_adamw", "MemoryAugmentedAdamW"), ("memopt_adamw_cm", "CriticalMomentaAdamW")]
+)
+def test_trl_sft_trainer_with_the_flag(tmp_path, optim, cls_name):
     trl = pytest.importorskip("trl", reason="TRL is not installed")
     from datasets import Dataset
 
@@ -81,7 +84,7 @@ def test_trl_sft_trainer_with_the_flag(tmp_path):
     texts = [" ".join(words[i] for i in torch.randint(0, len(words), (8,), generator=g).tolist()) for _ in range(16)]
     config = trl.SFTConfig(
         str(tmp_path),
-        optim="memopt_adamw",
+        optim=optim,
         optim_args="topc=2",
         use_cpu=True,
         report_to=[],
@@ -91,14 +94,14 @@ def test_trl_sft_trainer_with_the_flag(tmp_path):
         save_strategy="no",
         max_length=16,
     )
-    assert config.to_dict()["optim"] == "memopt_adamw" and config.optim_args.startswith("topc=2,")
+    assert config.to_dict()["optim"] == optim and config.optim_args.startswith("topc=2,")
     model = tiny_llama(vocab_size=len(tokenizer))
     trainer = trl.SFTTrainer(
         model=model, args=config, train_dataset=Dataset.from_dict({"text": texts}), processing_class=tokenizer
     )
     trainer.train()
     optimizer = inner_optimizer(trainer)
-    assert isinstance(optimizer, hf_memopt.MemoryAugmentedAdamW)
+    assert type(optimizer) is getattr(hf_memopt, cls_name)
     assert all(int(optimizer.state[p]["memory_count"]) == 2 for p in model.parameters())
     assert all(int(optimizer.state[p]["step"]) == 3 for p in model.parameters())
-    assert {"trl", "sft", "hf_memopt", "memopt_adamw"} <= set(model.model_tags)
+    assert {"trl", "sft", "hf_memopt", optim} <= set(model.model_tags)
