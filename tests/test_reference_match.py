@@ -53,7 +53,7 @@ def test_kernel_path_is_taken_by_default(monkeypatch):
     import hf_memopt.engine.executors.cpu_kernel as kernels
 
     if kernels.load() is None:
-        pytest.skip("no C compiler: the "cpu" executor is unavailable here")
+        pytest.skip("no C compiler: the 'cpu' executor is unavailable here")
     calls = []
     real = kernels.adam_fused
     monkeypatch.setattr(kernels, "adam_fused", lambda *a: calls.append(len(a[3])) or real(*a))
@@ -71,7 +71,7 @@ def test_kernel_is_exact_at_every_thread_count():
     from hf_memopt.engine.executors.cpu_kernel import load
 
     if load() is None:
-        pytest.skip("no C compiler: the "cpu" executor is unavailable here")
+        pytest.skip("no C compiler: the 'cpu' executor is unavailable here")
     shapes = [(1_000_003,), (611, 491), (17,), (300_001,)]  # not multiples of the 16384-element chunk
     memory = dict(topc=2, decay=0.9, kappa=1.0, aggregation="mean", key="group", buffer_dtype=None)
     previous = torch.get_num_threads()
