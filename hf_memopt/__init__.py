@@ -41,18 +41,6 @@ _install_transformers_hook()
 
 #: Names resolved on first access (PEP 562), so that ``import hf_memopt`` does not import
 #: transformers: ``from hf_memopt import MemOptTrainer`` imports it then.
-_LAZY = {"MemOptTrainer": "trainer"}
+from ._lazy import lazy_attributes  # noqa: E402
 
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_attributes(__name__, {"MemOptTrainer": "trainer"})

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .cache import CACHE_ENV, cache_root
+from .._env import CACHE_ENV
+from .cache import cache_root
 
 logger = logging.getLogger(__name__)
 

@@ -10,23 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-CACHE_ENV = "HF_MEMOPT_CACHE"
+from .._env import cache_root as _cache_root
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return the cache directory, creating it if needed.
+    """Return the cache directory (:func:`hf_memopt._env.cache_root`), creating it if needed.
 
     Precedence: the ``cache_dir`` argument, then the ``HF_MEMOPT_CACHE`` environment variable, then
     ``$XDG_CACHE_HOME/hf_memopt`` (``~/.cache/hf_memopt`` when ``XDG_CACHE_HOME`` is unset).
     """
-    if cache_dir is not None:
-        root = Path(cache_dir)
-    elif os.environ.get(CACHE_ENV):
-        root = Path(os.environ[CACHE_ENV])
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg) if xdg else Path.home() / ".cache") / "hf_memopt"
-    root = root.expanduser()
+    root = _cache_root(cache_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
 

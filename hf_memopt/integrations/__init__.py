@@ -30,11 +30,12 @@ usable in any training loop, only ``optim="memopt_*"`` is then unavailable.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import warnings
 from typing import Any
+
+from .._env import env_flag
 
 #: Set to 1 to skip the transformers registration on ``import hf_memopt`` (no import hook).
 SKIP_ENV = "HF_MEMOPT_SKIP_TRANSFORMERS"
@@ -52,7 +53,7 @@ _failed = False
 
 
 def _skipped() -> bool:
-    return os.environ.get(SKIP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(SKIP_ENV)
 
 
 def _transformers_version() -> str:

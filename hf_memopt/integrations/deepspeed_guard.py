@@ -21,6 +21,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from .._env import env_flag
+
 
 def _load_config(config: Any) -> Mapping[str, Any] | None:
     """The DeepSpeed config as a dict, or None if it cannot be read here.
@@ -50,10 +52,6 @@ def _load_config(config: Any) -> Mapping[str, Any] | None:
     return None
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def deepspeed_config_of(args: Any) -> Mapping[str, Any] | None:
     """The DeepSpeed config the Trainer will use with ``args``, if any."""
     hf_config = getattr(args, "hf_deepspeed_config", None)
@@ -62,7 +60,7 @@ def deepspeed_config_of(args: Any) -> Mapping[str, Any] | None:
     from_args = _load_config(getattr(args, "deepspeed", None))
     if from_args is not None:
         return from_args
-    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+    if env_flag("ACCELERATE_USE_DEEPSPEED"):
         return _load_config(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
     return None
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ..config import parse_buffer_dtype
 from .optim_args import SPECS, OptimizerSpec, format_value, optim_name, resolve_optim_args
 
@@ -170,29 +168,19 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _local_nbytes(t: torch.Tensor) -> int:
-    to_local = getattr(t, "to_local", None)
-    local = to_local() if to_local is not None else t
-    return local.numel() * local.element_size()
-
-
 def state_bytes(optimizer: Any) -> tuple[int, int, int]:
     """(all optimizer-state bytes, of which memory bytes, trainable elements) on this process.
 
-    Computed from ``optimizer.state`` directly (not ``memory_stats()``, whose admission
-    counters would be reset by the call). 0-dim tensors (step counts, priorities) are left
-    out as negligible, as ``memory_stats()`` does.
+    Computed from ``optimizer.state`` directly (not ``memory_stats()``, whose admission counters
+    would be reset by the call), with the engine's one definition of state bytes
+    (:func:`hf_memopt.engine.state.tensor_bytes`: each storage once, 0-dim scalars left out).
     """
-    from ..engine.state import is_memory_key
+    from ..engine.state import is_memory_key, tensor_bytes
 
     total = memory = 0
     for state in optimizer.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                n = _local_nbytes(value)
-                total += n
-                if is_memory_key(key):
-                    memory += n
+        total += tensor_bytes(state.values())
+        memory += tensor_bytes(v for k, v in state.items() if is_memory_key(k))
     elements = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     return total, memory, elements
 
