@@ -67,7 +67,8 @@ def worker(rank: int, world_size: int) -> dict[str, Any]:
     with du.LogRecords() as logs:
         for key, agg, buf in du.PARITY_CONFIGS:
             model = _wrap(du.make_model())
-            opt = MemoryAugmentedAdamW(du.param_groups(model), key=key, aggregation=agg, buffer_dtype=buf, **du.OPT_KW)
+            cls, agg_kw = du.optimizer_for(agg)
+            opt = cls(du.param_groups(model), key=key, buffer_dtype=buf, **agg_kw, **du.OPT_KW)
             fsdp1.attach(opt, model)
             _train(model, opt, rank, range(du.STEPS))
             out["diff"][(key, agg, buf)] = du.max_diff(_full(model), du.reference_run(key, agg, buf, world_size))
