@@ -17,8 +17,10 @@ Glossary:
   segment of a flat partition;
 * **segment**: ``(start, numel)``, the slice of a flat partition (DeepSpeed ZeRO) that holds one
   model tensor; bound with ``optimizer.bind_segments``;
-* **slot**: one stored gradient of a unit (``memory_i``, shaped like the parameter, ``buffer_dtype``);
-  a unit has ``topc`` slots, filled in order;
+* **slot**: one stored gradient of a unit (``memory_i``, shaped like the parameter, ``buffer_dtype``;
+  a stored momentum under Critical Momenta, SPEC 1b); a unit has ``topc`` slots, filled in order;
+* **memory source**: what a base-update strategy's memory aggregates and stores: the gradients, or the
+  momenta (``stores_momentum``: advanced in the executor's ``prepare``, before the decisions);
 * **ledger**: the small host table of a parameter's scalars, one row per unit: priorities and
   ``stored_at`` per slot, the count of filled slots and the clock; the state's ``priority_i``,
   ``stored_at_i``, ``memory_count`` and ``memory_clock`` are views into it;
