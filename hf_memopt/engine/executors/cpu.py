@@ -36,7 +36,11 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _fp32_cpu(t: Tensor) -> bool:
-    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+    """A contiguous fp32 CPU tensor (its local part for a DTensor). Runs for every tensor at every step:
+    ``is_cpu`` rather than ``device.type``, which builds a device object each time."""
+    if type(t) not in _PLAIN:
+        t = st.local_tensor(t)
+    return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
 
 
 class CpuExecutor:
@@ -62,7 +66,7 @@ class CpuExecutor:
         if cfg.buffer_dtype not in (None, torch.float32, torch.bfloat16):
             return f"buffer_dtype={cfg.buffer_dtype} (the kernel stores fp32 or bf16)"
         tensors = [*work.lists["params"], *work.lists["grads"]]
-        if not all(_fp32_cpu(st.local_tensor(t)) for t in tensors):
+        if not all(map(_fp32_cpu, tensors)):
             return "its parameters and gradients must be contiguous fp32 CPU tensors"
         if cpu_kernel.load() is None:
             return (
