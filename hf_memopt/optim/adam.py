@@ -64,16 +64,7 @@ class MemoryAugmentedAdamW(_AdamUpdate, torch.optim.AdamW):
         executor: str = "auto",
         save_memory: bool = True,
     ) -> None:
-        self._setup_memory(
-            executor=executor,
-            save_memory=save_memory,
-            topc=topc,
-            decay=decay,
-            kappa=kappa,
-            aggregation=aggregation,
-            key=key,
-            buffer_dtype=buffer_dtype,
-        )
+        self._setup_memory(MemoryConfig(topc, decay, kappa, aggregation, key, buffer_dtype), executor, save_memory)
         torch.optim.AdamW.__init__(
             self,
             params,
@@ -123,16 +114,7 @@ class MemoryAugmentedAdam(_AdamUpdate, torch.optim.Adam):
         executor: str = "auto",
         save_memory: bool = True,
     ) -> None:
-        self._setup_memory(
-            executor=executor,
-            save_memory=save_memory,
-            topc=topc,
-            decay=decay,
-            kappa=kappa,
-            aggregation=aggregation,
-            key=key,
-            buffer_dtype=buffer_dtype,
-        )
+        self._setup_memory(MemoryConfig(topc, decay, kappa, aggregation, key, buffer_dtype), executor, save_memory)
         torch.optim.Adam.__init__(
             self,
             params,

@@ -37,9 +37,10 @@ class MemoryAugmentedOptimizer:
     param_groups: list[dict[str, Any]]
     defaults: dict[str, Any]
 
-    def _setup_memory(self, executor: str = "auto", save_memory: bool = True, **memory: Any) -> None:
-        """Validate the memory arguments; call before the torch counterpart's ``__init__``."""
-        self._memory_defaults = MemoryConfig(**memory).as_group_entries()
+    def _setup_memory(self, memory: MemoryConfig, executor: str = "auto", save_memory: bool = True) -> None:
+        """Keep the validated memory defaults, check ``executor`` and ``save_memory``; call before the torch
+        counterpart's ``__init__``."""
+        self._memory_defaults = memory.as_group_entries()
         #: which executor runs the groups: "auto", "torch" or "cpu" (not saved in checkpoints)
         self.executor = check_executor_name(executor)
         if not isinstance(save_memory, bool):

@@ -78,16 +78,7 @@ class CriticalMomentaAdamW(MemoryAugmentedOptimizer, torch.optim.AdamW):
                 f"m + kappa*S/n, SPEC 1b); got aggregation={aggregation!r}. Use MemoryAugmentedAdamW for the "
                 "gradient memory's 'mean'/'sum'/'mid'"
             )
-        self._setup_memory(
-            executor=executor,
-            save_memory=save_memory,
-            topc=topc,
-            decay=decay,
-            kappa=kappa,
-            aggregation=CM_AGGREGATION,
-            key=key,
-            buffer_dtype=buffer_dtype,
-        )
+        self._setup_memory(MemoryConfig(topc, decay, kappa, CM_AGGREGATION, key, buffer_dtype), executor, save_memory)
         torch.optim.AdamW.__init__(
             self,
             params,

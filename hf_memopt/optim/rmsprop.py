@@ -45,16 +45,7 @@ class MemoryAugmentedRMSprop(MemoryAugmentedOptimizer, torch.optim.RMSprop):
         executor: str = "auto",
         save_memory: bool = True,
     ) -> None:
-        self._setup_memory(
-            executor=executor,
-            save_memory=save_memory,
-            topc=topc,
-            decay=decay,
-            kappa=kappa,
-            aggregation=aggregation,
-            key=key,
-            buffer_dtype=buffer_dtype,
-        )
+        self._setup_memory(MemoryConfig(topc, decay, kappa, aggregation, key, buffer_dtype), executor, save_memory)
         torch.optim.RMSprop.__init__(
             self,
             params,

@@ -45,16 +45,7 @@ class MemoryAugmentedSGD(MemoryAugmentedOptimizer, torch.optim.SGD):
         executor: str = "auto",
         save_memory: bool = True,
     ) -> None:
-        self._setup_memory(
-            executor=executor,
-            save_memory=save_memory,
-            topc=topc,
-            decay=decay,
-            kappa=kappa,
-            aggregation=aggregation,
-            key=key,
-            buffer_dtype=buffer_dtype,
-        )
+        self._setup_memory(MemoryConfig(topc, decay, kappa, aggregation, key, buffer_dtype), executor, save_memory)
         torch.optim.SGD.__init__(
             self,
             params,

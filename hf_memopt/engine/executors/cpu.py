@@ -82,7 +82,7 @@ class CpuExecutor:
         for w in works:
             if w.update.stores_momentum and self.decides_on_host(opt, w):
                 w.update.advance(w.group, w.lists)
-                w.admit = w.lists["exp_avgs"]
+                w.admit = w.lists[w.update.memory_source]
 
     @staticmethod
     def decides_on_host(opt: Any, work: Any) -> bool:

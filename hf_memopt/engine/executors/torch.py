@@ -48,7 +48,7 @@ class TorchExecutor:
         for w in works:
             if w.update.stores_momentum:
                 w.update.advance(w.group, w.lists)
-                w.admit = w.lists["exp_avgs"]
+                w.admit = w.lists[w.update.memory_source]
 
     def run(self, opt: Any, works: Sequence[Any]) -> None:
         """Aggregate, admit and update every work (its ``plan`` holds the decisions; None: no memory)."""
