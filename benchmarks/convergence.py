@@ -480,7 +480,7 @@ def train_once(
         row["final"], row["best_step"] = curve[at][1], curve[at][0]
         if side:
             row["side"] = side
-            row["test_at_best"] = side[at].get("test")
+            row["test_at_best"] = side[at][1].get("test")
     return row
 
 
@@ -772,16 +772,31 @@ def report_fair(rows, task: Task) -> None:
                     f"| {o} | {trials}/9 | {lr:g} | {_knobs(memory)} | {_fmt([r['final'] for r in runs[o]])} | {wtl} | "
                     f"{to} |{test}"
                 )
-        tgt = "best mean minus 0.01" if task.higher_is_better else "worse mean x 1.05"
-        print(f"\nSteps to target: median steps to the worse optimizer's {tgt} (runs that got there / runs).")
+        tgt = "minus 0.01" if task.higher_is_better else "x 1.05"
+        print(f"\nSteps to target: median steps to the pair's worse mean {tgt} (runs that got there / runs).")
         print(f"\nEvery trial of the tuning grid (seed 0), {task.name}, {length}:\n")
-        print("| optimizer | lr | (topc, decay) | value | seconds |\n|---|---|---|---|---|")
+        per_epoch = task.final == "best"
+        print(
+            "| optimizer | lr | (topc, decay) | value | seconds |"
+            + (
+                " validation ppl per epoch | test ppl per epoch |\n|---|---|---|---|---|---|---|"
+                if per_epoch
+                else "\n|---|---|---|---|---|"
+            )
+        )
         for base, memopt in task.pairs:
             for o in (base, memopt):
                 for lr, memory in fair_grid(task, o):
                     r = _fair_runs(rows, task, o, steps, lr, memory, FAIR_SEEDS[0])
                     if r:
-                        print(f"| {o} | {lr:g} | {_knobs(memory)} | {r[0]['final']:.4g} | {r[0]['seconds']:.1f} |")
+                        extra = ""
+                        if per_epoch:
+                            val = ", ".join(f"{v:.1f}" for _, v in r[0]["curve"][1:])
+                            test = ", ".join(f"{d['test']:.1f}" for _, d in r[0].get("side", [])[1:])
+                            extra = f" {val} | {test} |"
+                        print(
+                            f"| {o} | {lr:g} | {_knobs(memory)} | {r[0]['final']:.4g} | {r[0]['seconds']:.1f} |{extra}"
+                        )
 
 
 args_tie = [0.005]
