@@ -8,6 +8,7 @@
     python benchmarks/step_time.py --executor torch         # force an executor (default: auto)
     python benchmarks/step_time.py --model gpt2-124m --profile-ops   # ops launched per step, per executor
     python benchmarks/step_time.py --optimizer cm --topc 10 # Critical Momenta (memopt_adamw_cm)
+    python benchmarks/step_time.py --device cuda --model gpt-1b --topc 5 10   # on a GPU ("auto": triton)
 
 Times ``optimizer.step()`` alone (gradients are fixed tensors), median over ``--steps`` steps
 after warm-up, with torch's intra-op threads at ``--threads``. Each row is timed in alternating
@@ -37,6 +38,8 @@ MODELS = {
     # name: (vocab, positions, n_embd, n_layer)
     "gpt23m": (32768, 512, 384, 6),
     "gpt2-124m": (50257, 1024, 768, 12),
+    "gpt-1b": (50257, 2048, 2048, 18),  # 1.01B params in 220 tensors (a GPU's size; ~16 GB per optimizer)
+    "tiny": (256, 32, 32, 2),  # for self-checks (benchmarks/gpu_check.sh --self-check)
 }
 
 
@@ -75,7 +78,7 @@ def timed_steps(opt, params, grads, first: int, count: int, admit: str, device) 
     return times
 
 
-def paired(factory, ref_factory, shapes, device, args) -> tuple[float, float, int]:
+def paired(factory, ref_factory, shapes, device, args) -> tuple[float, float, int, str | None]:
     """Median step time of ``factory``'s optimizer and of the reference, timed in alternating rounds
     in one process, so that a machine whose speed drifts (shared cores) skews both alike."""
     params, grads = make(shapes, device)
@@ -90,7 +93,8 @@ def paired(factory, ref_factory, shapes, device, args) -> tuple[float, float, in
         first = args.warmup + r * per_round
         mine += timed_steps(opt, params, grads, first, per_round, args.admit, device)
         theirs += timed_steps(ref, ref_params, ref_grads, first, per_round, args.admit, device)
-    return statistics.median(mine), statistics.median(theirs), state_bytes(opt)
+    ran = opt.executor_for(0) if hasattr(opt, "executor_for") else None
+    return statistics.median(mine), statistics.median(theirs), state_bytes(opt), ran
 
 
 def state_bytes(opt) -> int:
@@ -171,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--admit", choices=["always", "rarely"], default="always")
     ap.add_argument("--key", choices=["group", "tensor"], default="group", help="hf_memopt's priority key")
-    ap.add_argument("--executor", choices=["auto", "torch", "cpu"], default="auto", help="hf_memopt's executor")
+    ap.add_argument(
+        "--executor", choices=["auto", "torch", "cpu", "triton"], default="auto", help="hf_memopt's executor"
+    )
     ap.add_argument(
         "--optimizer",
         choices=["adamw", "cm"],
@@ -206,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
         return torch.optim.AdamW(p, lr=1e-3, fused=True) if fused else torch.optim.AdamW(p, lr=1e-3)
 
     def run(label, factory, words):
-        ms, ref_ms, nbytes = paired(factory, reference, shapes, device, args)
+        ms, ref_ms, nbytes, ran = paired(factory, reference, shapes, device, args)
+        if ran is not None:
+            label = f"{label} [{ran}]"  # the executor that ran it
         rows.append(dict(optimizer=label, ms=1e3 * ms, ref_ms=1e3 * ref_ms, state_bytes=nbytes, words=words))
         print(f"  {label:<30} {1e3 * ms:8.2f} ms  (reference {1e3 * ref_ms:.2f} ms)", file=sys.stderr, flush=True)
 

@@ -3,6 +3,7 @@
     python benchmarks/trainer_throughput.py                      # 30 steps per run, batch 32, length 128
     python benchmarks/trainer_throughput.py --steps 60 --repeats 3
     python benchmarks/trainer_throughput.py --ballast 11            # + AdamW holding memopt's bytes
+    python benchmarks/trainer_throughput.py --synthetic             # GPT-2-style LM from a config, random tokens
 
 all-MiniLM-L6-v2 (22.7M parameters) fine-tuned on the SST-2 stand-in (SPEC section 7), the
 optimizers alternating run by run (A B A B ...) so that drift in the machine's speed hits both.
@@ -10,6 +11,10 @@ Reports train samples per second from the Trainer's own metrics (median over rep
 time between step ends, the first step (it allocates the optimizer state: ``topc`` + 1 parameter-sized
 buffers for memopt, and first-touching that memory is slow on some VMs) apart from the steady-state
 seconds per step (median of the steps after the first).
+
+``--synthetic`` needs no archive: a 6-layer GPT-2-style causal LM (d=512, 25M parameters) built from
+its config, trained on random tokens (what ``benchmarks/gpu_check.sh`` runs on a machine that reaches
+nothing).
 """
 
 from __future__ import annotations
@@ -20,10 +25,17 @@ import tempfile
 import time
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 import hf_memopt  # noqa: F401  (registers optim="memopt_adamw")
-from hf_memopt.data import load_sst2_standin, minilm_model_dir
 
 
 class StepClock(TrainerCallback):
@@ -56,16 +68,14 @@ def main(argv: list[str] | None = None) -> None:
         help="also run AdamW holding this many parameter-sized fp32 tensors per parameter (11 = memopt's "
         "topc=10 slots + running sum): the same memory without the memory's algorithm",
     )
+    ap.add_argument("--synthetic", action="store_true", help="a GPT-2-style LM from a config on random tokens")
+    ap.add_argument("--layers", type=int, default=6, help="--synthetic: transformer layers")
     args = ap.parse_args(argv)
 
-    path = minilm_model_dir()
-    tok = AutoTokenizer.from_pretrained(path)
-    ds = load_sst2_standin()["train"].select(range(args.steps * args.batch))
-    ds = ds.map(
-        lambda b: tok(b["sentence"], truncation=True, max_length=args.length, padding="max_length"),
-        batched=True,
-        remove_columns=["sentence", "idx", "rating"],
-    )
+    if args.synthetic:
+        ds, make_model, what = _synthetic(args)
+    else:
+        ds, make_model, what = _minilm(args)
     # label -> (optim, ballast tensors per parameter)
     configs = {"adamw_torch_fused": ("adamw_torch_fused", 0), "memopt_adamw": ("memopt_adamw", 0)}
     if args.ballast:
@@ -74,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeats):
         for label, (optim, ballast) in configs.items():
             torch.manual_seed(0)
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+            model = make_model()
             held = [torch.zeros_like(p) for p in model.parameters() for _ in range(ballast)]
             clock = StepClock()
             with tempfile.TemporaryDirectory() as out:
@@ -101,13 +111,39 @@ def main(argv: list[str] | None = None) -> None:
             )
     med = {label: [statistics.median(column) for column in zip(*values)] for label, values in runs.items()}
     base = med["adamw_torch_fused"]
-    print(f"\nMiniLM, batch {args.batch} x {args.length} tokens, {args.steps} steps, {torch.get_num_threads()} threads")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{what}, batch {args.batch} x {args.length} tokens, {args.steps} steps, {device}")
     print(
         "| optim | samples/s (median) | relative | first step (s) | steady s/step (median) | relative |\n"
         "|---|---:|---:|---:|---:|---:|"
     )
     for label, (rate, first, step) in med.items():
         print(f"| {label} | {rate:.2f} | {rate / base[0]:.3f} | {first:.2f} | {step:.3f} | {step / base[2]:.3f} |")
+
+
+def _minilm(args):
+    from hf_memopt.data import load_sst2_standin, minilm_model_dir
+
+    path = minilm_model_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    ds = load_sst2_standin()["train"].select(range(args.steps * args.batch))
+    ds = ds.map(
+        lambda b: tok(b["sentence"], truncation=True, max_length=args.length, padding="max_length"),
+        batched=True,
+        remove_columns=["sentence", "idx", "rating"],
+    )
+    return ds, lambda: AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), "MiniLM"
+
+
+def _synthetic(args):
+    from datasets import Dataset
+
+    config = GPT2Config(vocab_size=8192, n_positions=args.length, n_embd=512, n_layer=args.layers, n_head=8)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (args.steps * args.batch, args.length), generator=gen)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    n = sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
+    return ds, lambda: GPT2LMHeadModel(config), f"GPT-2-style LM from a config ({n / 1e6:.1f}M parameters)"
 
 
 if __name__ == "__main__":

@@ -108,7 +108,32 @@ def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DE
 PARITY_CONFIGS = [
     (key, agg, buf) for key in ("tensor", "group") for agg in ("mean", "sum", "mid") for buf in ("fp32", "bf16")
 ] + [("tensor", "cm", "bf16"), ("group", "cm", "fp32")]
+#: the same parity runs on the "triton" executor (under Triton's interpreter: CPU tensors), where Triton runs
+TRITON_CONFIGS = [("group", "mean", "bf16", "triton"), ("tensor", "cm", "bf16", "triton")]
 STEPS = 10
+
+
+def triton_runs_here() -> bool:
+    """Whether the "triton" executor runs CPU tensors in this process (Triton imports, TRITON_INTERPRET=1)."""
+    from hf_memopt.engine.executors import triton as triton_executor
+
+    return triton_executor.runs_on(torch.device("cpu"))
+
+
+def parity_configs() -> list[tuple[str, ...]]:
+    """``PARITY_CONFIGS`` and, where Triton runs here, ``TRITON_CONFIGS``."""
+    return with_triton(PARITY_CONFIGS)
+
+
+def with_triton(base: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    return list(base) + (TRITON_CONFIGS if triton_runs_here() else [])
+
+
+def executor_kw(config: tuple[str, ...]) -> dict[str, Any]:
+    """The ``executor`` keyword of a parity config (its optional fourth entry)."""
+    return {"executor": config[3]} if len(config) > 3 else {}
+
+
 #: few slots, so that replacement (the part that depends on priorities) happens within STEPS
 OPT_KW = dict(lr=1e-2, topc=3, decay=0.7, weight_decay=0.01)
 

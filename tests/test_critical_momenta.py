@@ -14,14 +14,14 @@ import pytest
 import torch
 from reference_cm import ReferenceCriticalMomenta
 from streams import clone_params, gradient_stream, make_params, set_grads
-from test_rule_matrix import EXECUTORS
+from test_rule_matrix import EXECUTORS, available, bounded
 
 import hf_memopt
 from hf_memopt.engine.executors import cpu_kernel
 from hf_memopt.engine.rule import REFRESH_INTERVAL
 
 KERNEL = cpu_kernel.load() is not None
-ROWS = [ex for ex in EXECUTORS if KERNEL or not ex.startswith("cpu")]
+ROWS = [ex for ex in EXECUTORS if available(ex)]
 BASE = dict(lr=1e-2, weight_decay=0.1)
 
 
@@ -91,6 +91,7 @@ def test_random_streams(executor, key, kappa, buffer_dtype, monkeypatch):
     """A tensor misses its gradient every third step; (topc, decay) cycle with the other axes."""
     index = KAPPAS.index(kappa) + 2 * ["group", "tensor"].index(key)
     topc, decay = TOPC_DECAY[index % len(TOPC_DECAY)]
+    bounded(executor, "cm", key, kappa, str(buffer_dtype))
     memory = dict(topc=topc, decay=decay, kappa=kappa, key=key, buffer_dtype=buffer_dtype)
     stream = list(gradient_stream(14))
     opt, ref, params, ref_params = run(executor, stream, monkeypatch, memory)

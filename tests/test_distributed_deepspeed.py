@@ -56,16 +56,19 @@ def client(engine: Any) -> Any:
 
 def parity_worker(rank: int, world_size: int, stage: int, configs: list[tuple[str, str, str]]) -> dict[str, Any]:
     out: dict[str, Any] = {"diff": {}}
-    for key, agg, buf in configs:
-        engine = engine_for(stage, key=key, aggregation=agg, buffer_dtype=buf)
+    for config in configs:
+        key, agg, buf = config[:3]
+        engine = engine_for(stage, key=key, aggregation=agg, buffer_dtype=buf, **du.executor_kw(config))
         train(engine, rank, range(du.STEPS))
-        out["diff"][(key, agg, buf)] = du.max_diff(full_params(engine), du.reference_run(key, agg, buf, world_size))
+        out["diff"][config] = du.max_diff(full_params(engine), du.reference_run(key, agg, buf, world_size))
         opt = client(engine)
+        if len(config) > 3:
+            assert opt.executor_for(0) == config[3]  # segments of the flat partition, on the "triton" executor
         out["units"] = [opt.state[p]["priority_0"].numel() for g in opt.param_groups for p in g["params"]]
     return out
 
 
-STAGE_CONFIGS = {1: du.PARITY_CONFIGS[::3], 2: du.PARITY_CONFIGS, 3: du.PARITY_CONFIGS}
+STAGE_CONFIGS = {1: du.PARITY_CONFIGS[::3], 2: du.with_triton(du.PARITY_CONFIGS), 3: du.with_triton(du.PARITY_CONFIGS)}
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda s: f"zero{s}")

@@ -48,15 +48,18 @@ def _parity(rank: int, world_size: int) -> dict[str, Any]:
     from hf_memopt.distributed.dtensor import DTensorLayout
 
     out: dict[str, Any] = {"diff": {}}
-    for key, agg, buf in du.PARITY_CONFIGS:
+    for config in du.parity_configs():
+        key, agg, buf = config[:3]
         model = _shard(du.make_model())
         cls, agg_kw = du.optimizer_for(agg)
-        opt = cls(du.param_groups(model), key=key, buffer_dtype=buf, **agg_kw, **du.OPT_KW)
-        if (key, agg, buf) == ("group", "mean", "bf16"):
+        opt = cls(du.param_groups(model), key=key, buffer_dtype=buf, **agg_kw, **du.executor_kw(config), **du.OPT_KW)
+        if config[:3] == ("group", "mean", "bf16"):
             opt.check_rank_consistency = True  # the debug switch must not fire on a correct run
         _train(model, opt, rank, du.STEPS)
         ref = du.reference_run(key, agg, buf, world_size)
-        out["diff"][(key, agg, buf)] = du.max_diff(_full(model), ref)
+        out["diff"][config] = du.max_diff(_full(model), ref)
+        if len(config) > 3:
+            out.setdefault("ran", {})[config] = opt.executor_for(0)
         out.setdefault("reducer", type(opt.norm_reducer.layout).__name__)
         out.setdefault("empty_shard", any(p.to_local().numel() == 0 for p in model.parameters()))
 
@@ -101,8 +104,12 @@ def parity() -> list[dict[str, Any]]:
     return du.run(parity_worker, 2)
 
 
-@pytest.mark.parametrize("config", du.PARITY_CONFIGS, ids=lambda c: "-".join(c))
-def test_fsdp2_matches_unsharded(parity: list[dict[str, Any]], config: tuple[str, str, str]) -> None:
+@pytest.mark.parametrize("config", du.PARITY_CONFIGS + du.TRITON_CONFIGS, ids=lambda c: "-".join(c))
+def test_fsdp2_matches_unsharded(parity: list[dict[str, Any]], config: tuple[str, ...]) -> None:
+    if config in du.TRITON_CONFIGS:
+        if not du.triton_runs_here():
+            pytest.skip("Triton cannot run CPU tensors here")
+        assert parity[0]["ran"][config] == "triton"  # DTensor local shards, norms through the reducer's all-reduce
     assert parity[0]["reducer"] == "DTensorLayout"
     assert parity[0]["empty_shard"] or parity[1]["empty_shard"]
     for rank in range(2):

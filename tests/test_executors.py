@@ -115,11 +115,6 @@ def test_unknown_executor_names_the_argument(value):
         hf_memopt.MemoryAugmentedAdamW([torch.nn.Parameter(torch.zeros(1))], executor=value)
 
 
-def test_triton_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match=r"executor='triton': the Triton GPU engine is not part of this release"):
-        hf_memopt.MemoryAugmentedAdamW([torch.nn.Parameter(torch.zeros(1))], executor="triton")
-
-
 @pytest.mark.parametrize(
     "cls,kwargs,params,why",
     [

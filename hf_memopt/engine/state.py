@@ -94,7 +94,7 @@ def init_state(p: Tensor, state: dict[str, Any], cfg: MemoryConfig, units: int) 
         # zeros_like keeps the parameter's kind: a DTensor slot under FSDP2, a flat shard under ZeRO.
         state[f"memory_{i}"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
     state["memory_sum"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-    _bind_scalars(
+    bind_scalars(
         state,
         torch.zeros(units, cfg.topc, dtype=torch.float32),
         torch.zeros(units, cfg.topc, dtype=torch.int64),
@@ -103,7 +103,8 @@ def init_state(p: Tensor, state: dict[str, Any], cfg: MemoryConfig, units: int) 
     )
 
 
-def _bind_scalars(state: dict[str, Any], pri: Tensor, at: Tensor, count: Tensor, clock: Tensor) -> None:
+def bind_scalars(state: dict[str, Any], pri: Tensor, at: Tensor, count: Tensor, clock: Tensor) -> None:
+    """Point the state's per-slot scalars at rows of ledger tables (``pri``/``at`` [U, C], ``count``/``clock`` [U])."""
     units, topc = pri.shape
     for i in range(topc):
         state[f"priority_{i}"] = _scalar_view(pri, i, units)
@@ -124,7 +125,7 @@ def ledger_of(state: dict[str, Any], topc: int, cache: dict[int, Ledger]) -> Led
     at = torch.stack([state[f"stored_at_{i}"].detach().to("cpu", torch.int64).reshape(units) for i in range(topc)], 1)
     count = state["memory_count"].detach().to("cpu", torch.int64).reshape(units).clone()
     clock = state["memory_clock"].detach().to("cpu", torch.int64).reshape(units).clone()
-    _bind_scalars(state, pri, at, count, clock)
+    bind_scalars(state, pri, at, count, clock)
     led = Ledger(pri.numpy(), at.numpy(), count.numpy(), clock.numpy(), state["priority_0"])
     cache.pop(id(anchor), None)
     cache[id(led.anchor)] = led
@@ -185,7 +186,7 @@ def restore_memory_state(p: Tensor, state: dict[str, Any], saved: dict[str, Any]
     at = torch.stack([torch.as_tensor(v).reshape(-1).expand(units) for v in at_vals], 1)
     count = torch.as_tensor(saved["memory_count"]).reshape(-1).expand(units)
     clock = torch.as_tensor(saved.get("memory_clock", 0)).reshape(-1).expand(units)
-    _bind_scalars(
+    bind_scalars(
         state,
         pri.to("cpu", torch.float32).clone(),
         at.to("cpu", torch.int64).clone(),

@@ -41,13 +41,15 @@ class MemoryAugmentedOptimizer:
         """Keep the validated memory defaults, check ``executor`` and ``save_memory``; call before the torch
         counterpart's ``__init__``."""
         self._memory_defaults = memory.as_group_entries()
-        #: which executor runs the groups: "auto", "torch" or "cpu" (not saved in checkpoints)
+        #: which executor runs the groups: "auto", "torch", "cpu" or "triton" (not saved in checkpoints)
         self.executor = check_executor_name(executor)
         if not isinstance(save_memory, bool):
             raise ValueError(f"save_memory must be True or False; got {save_memory!r}")
         #: False: ``state_dict()`` leaves the memory out (smaller checkpoints; resume starts it empty)
         self.save_memory = save_memory
         self._ledgers: dict[int, st.Ledger] = {}
+        #: states whose ledger lives on a device (the "triton" executor): id(priority_0) -> (priority_0, ledger, row, units)
+        self._device_ledgers: dict[int, tuple[Tensor, Any, int, int]] = {}
         self._segments: dict[int, list[tuple[int, int]]] = {}
         self._stats = _Stats()
         self._ran: dict[int, str] = {}
@@ -133,13 +135,11 @@ class MemoryAugmentedOptimizer:
         allocated = False
         for index, group in enumerate(self.param_groups):
             cfg = MemoryConfig.from_group(group)
-            if cfg.kappa > 0.0:
-                for name in ("capturable", "differentiable"):
-                    if group.get(name):
-                        raise ValueError(
-                            f"{name}=True is not supported with the memory on (kappa > 0): admission "
-                            f"decisions are taken on the host; use kappa=0 or {name}=False"
-                        )
+            if cfg.kappa > 0.0 and group.get("differentiable"):
+                raise ValueError(
+                    "differentiable=True is not supported with the memory on (kappa > 0): admission "
+                    "decisions are not differentiable; use kappa=0 or differentiable=False"
+                )
             update = self._base_update
             lists: dict[str, list[Any]] = {name: [] for name in update.list_names}
             extra = self._init_group(group, *lists.values())  # type: ignore[attr-defined]
@@ -174,8 +174,21 @@ class MemoryAugmentedOptimizer:
 
     # -- introspection ------------------------------------------------------------------
 
+    def _stats_ledger(self, state: dict[str, Any], snapshots: dict[int, st.Ledger]) -> st.Ledger:
+        """The ledger rows of ``state`` for reading: a copy of a device ledger (one transfer per table per
+        call, the state stays bound to the device), else the host ledger."""
+        bound = self._device_ledgers.get(id(state["priority_0"]))
+        if bound is None or bound[0] is not state["priority_0"]:
+            return st.ledger_of(state, _ledger_width(state, self._ledgers), self._ledgers)
+        _anchor, ledger, row, units = bound
+        snap = snapshots.get(id(ledger))
+        if snap is None:
+            snap = snapshots[id(ledger)] = ledger.snapshot()
+        rows = slice(row, row + units)
+        return st.Ledger(snap.priorities[rows], snap.stored_at[rows], snap.count[rows], snap.clock[rows], snap.anchor)
+
     def executor_for(self, group: dict[str, Any] | int) -> str | None:
-        """The executor ("torch" or "cpu") that ran ``group`` (a param group or its index) at the
+        """The executor ("torch", "cpu" or "triton") that ran ``group`` (a param group or its index) at the
         last step; None before its first step."""
         index = group if isinstance(group, int) else next(i for i, g in enumerate(self.param_groups) if g is group)
         return self._ran.get(index)
@@ -189,20 +202,25 @@ class MemoryAugmentedOptimizer:
         ``executor`` (the executors that ran at the last step, e.g. ``"cpu"`` or ``"cpu,torch"``).
         ``reset=False`` leaves the admission counters running.
         """
-        admitted, rejected = self._stats.take() if reset else (self._stats.admitted, self._stats.rejected)
+        if reset:
+            admitted, rejected = self._stats.take()
+        else:
+            self._stats.drain()
+            admitted, rejected = self._stats.admitted, self._stats.rejected
         stored = capacity = 0
         age_sum = 0
         memory_bytes = state_bytes = 0
         # Walk the state, not param_groups: DeepSpeed ZeRO swaps param_groups in and out around
         # each of its step() calls, so between steps they may not list the parameters. C is read from
         # the ledger's width, never from a scan of the state's keys.
+        snapshots: dict[int, st.Ledger] = {}
         for state in self.state.values():
             if not state:
                 continue
             state_bytes += st.tensor_bytes(state.values())
             if "memory_sum" not in state:
                 continue
-            led = st.ledger_of(state, _ledger_width(state, self._ledgers), self._ledgers)
+            led = self._stats_ledger(state, snapshots)
             topc = led.priorities.shape[1]
             memory_bytes += st.memory_bytes(state, topc)
             for u in range(led.count.shape[0]):
@@ -240,6 +258,22 @@ class _Stats:
     def __init__(self) -> None:
         self.admitted = 0
         self.rejected = 0
+        #: device counters [admitted, rejected] kept by executors that decide on a device
+        self.device: dict[torch.device, Tensor] = {}
+
+    def counters(self, device: torch.device) -> Tensor:
+        """The int64 [admitted, rejected] counters on ``device`` (the "triton" executor adds to them)."""
+        t = self.device.get(device)
+        if t is None:
+            t = self.device[device] = torch.zeros(2, dtype=torch.int64, device=device)
+        return t
+
+    def drain(self) -> None:
+        for t in self.device.values():
+            admitted, rejected = t.tolist()  # the transfer, only when memory_stats() is called
+            self.admitted += admitted
+            self.rejected += rejected
+            t.zero_()
 
     def record(self, modes: np.ndarray) -> None:
         """Count one step's decisions (``modes``: MODE_NONE / MODE_FILL / MODE_EVICT per unit)."""
@@ -248,6 +282,7 @@ class _Stats:
         self.rejected += len(modes) - admitted
 
     def take(self) -> tuple[int, int]:
+        self.drain()
         out = (self.admitted, self.rejected)
         self.admitted = self.rejected = 0
         return out

@@ -186,11 +186,12 @@ class CriticalMomentaUpdate(AdamUpdate):
         params, grads, exp_avgs = lists["params"], lists["grads"], lists["exp_avgs"]
         if not params:
             return
-        lr, beta1 = _number(group["lr"]), _number(group["betas"][0])
+        lr, beta1 = group["lr"], _number(group["betas"][0])
         torch._foreach_add_(lists["state_steps"], 1)
         if group["maximize"]:
             grads = torch._foreach_neg(grads)
         if group["weight_decay"] != 0:
+            # a tensor lr (capturable) stays a tensor: reading it would synchronise
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
 
@@ -199,19 +200,39 @@ class CriticalMomentaUpdate(AdamUpdate):
         params = lists["params"]
         if not params:
             return
-        lr, beta1, beta2 = _number(group["lr"]), _number(group["betas"][0]), _number(group["betas"][1])
+        beta1, beta2 = _number(group["betas"][0]), _number(group["betas"][1])
         v = lists["exp_avg_sqs"]
-        # torch's single-tensor AdamW takes the step as a Python number (step_t.item()): one transfer here
-        steps = torch.stack([s.reshape(()) for s in lists["state_steps"]]).tolist()
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, m_tilde, m_tilde, 1 - beta2)
         if group["amsgrad"]:
             torch._foreach_maximum_(lists["max_exp_avg_sqs"], v)
             v = lists["max_exp_avg_sqs"]
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, [(1 - beta2**s) ** 0.5 for s in steps])
+        steps = lists["state_steps"]
+        if group["capturable"] or group["fused"] or isinstance(group["lr"], Tensor):
+            # torch keeps the step counters on the parameters' device (capturable, fused), or lr is a
+            # tensor: the bias corrections are computed there too, nothing is read on the host
+            bc1 = torch._foreach_pow(beta1, steps)
+            torch._foreach_neg_(bc1)
+            torch._foreach_add_(bc1, 1)  # 1 - beta1^t
+            bc2 = torch._foreach_pow(beta2, steps)
+            torch._foreach_neg_(bc2)
+            torch._foreach_add_(bc2, 1)
+            torch._foreach_sqrt_(bc2)  # sqrt(1 - beta2^t)
+            torch._foreach_div_(denom, bc2)
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_mul_(denom, bc1)
+            ratio = torch._foreach_div(m_tilde, denom)
+            torch._foreach_mul_(ratio, group["lr"])
+            torch._foreach_sub_(params, ratio)
+            return
+        lr = _number(group["lr"])
+        # torch's single-tensor AdamW takes the step as a Python number (step_t.item()); the counters are
+        # CPU tensors here, read in one call
+        t = torch.stack([s.reshape(()) for s in steps]).tolist()
+        torch._foreach_div_(denom, [(1 - beta2**s) ** 0.5 for s in t])
         torch._foreach_add_(denom, group["eps"])
-        torch._foreach_addcdiv_(params, m_tilde, denom, [-(lr / (1 - beta1**s)) for s in steps])
+        torch._foreach_addcdiv_(params, m_tilde, denom, [-(lr / (1 - beta1**s)) for s in t])
 
     def kernel_args(self, group: dict[str, Any], lists: Lists) -> AdamKernelArgs:
         args = super().kernel_args(group, lists)

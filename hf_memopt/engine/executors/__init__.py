@@ -2,8 +2,8 @@
 
 * ``"torch"`` (:mod:`.torch`): torch ops on any device, multi-tensor; decisions on the host.
 * ``"cpu"`` (:mod:`.cpu`): the C kernel, Adam/AdamW and Critical Momenta on contiguous fp32 CPU tensors.
-* ``"triton"``: the GPU engine (decisions on the device, no host synchronisation); not in this
-  release: asking for it is a ``ValueError``.
+* ``"triton"`` (:mod:`.triton`): the GPU engine, decisions on the device and no host synchronisation
+  (CUDA tensors; CPU tensors under Triton's interpreter). Triton is imported only when it runs.
 
 An executor owns deciding and updating for the groups it runs: ``run(opt, works)`` gets the step's
 works (param group, its torch ``_init_group`` lists, its base update and, when it decides on the
@@ -12,51 +12,94 @@ host, the host plan) and leaves parameters, state and ledgers updated.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .cpu import CpuExecutor
 from .torch import TorchExecutor
+from .triton import TritonExecutor
+
+logger = logging.getLogger("hf_memopt")
 
 #: The values of the ``executor`` argument.
 EXECUTOR_CHOICES = ("auto", "torch", "cpu", "triton")
 
 TORCH = TorchExecutor()
 CPU = CpuExecutor()
-_BY_NAME = {"torch": TORCH, "cpu": CPU}
+TRITON = TritonExecutor()
+_BY_NAME = {"torch": TORCH, "cpu": CPU, "triton": TRITON}
+_logged_no_triton = False
 
 
 def check_executor_name(value: Any) -> str:
     """``value`` if it is a valid ``executor`` argument, else a ``ValueError`` naming the choices."""
     if value not in EXECUTOR_CHOICES:
         raise ValueError(f"executor must be one of {', '.join(map(repr, EXECUTOR_CHOICES))}; got {value!r}")
-    if value == "triton":
-        raise ValueError(
-            "executor='triton': the Triton GPU engine is not part of this release; use executor='auto', "
-            "'torch' (any device) or 'cpu' (Adam/AdamW on fp32 CPU tensors)"
-        )
     return value
 
 
-def select_executor(requested: str, opt: Any, work: Any) -> TorchExecutor | CpuExecutor:
+def select_executor(requested: str, opt: Any, work: Any) -> TorchExecutor | CpuExecutor | TritonExecutor:
     """The executor that runs ``work`` (one param group) in this step.
 
     ``requested`` is the optimizer's ``executor`` argument:
 
-    * ``"auto"``: memory off (kappa=0): "torch" (torch's own optimizer, nothing else to do); else
-      "cpu" when it can run the group (Adam/AdamW/Critical Momenta, fp32 contiguous CPU tensors, no foreach/fused
-      flag, numbers for lr and betas, fp32 or bf16 memory, the kernel builds), else "torch";
-    * ``"torch"``: always;
-    * ``"cpu"``: when it can run the group, else ``ValueError`` saying why.
+    * ``"auto"``: memory off (kappa=0): "torch" (torch's own optimizer, nothing else to do); CUDA
+      parameters: "triton" when Triton imports (else "torch", said once at INFO); CPU: "cpu" when it
+      can run the group (Adam/AdamW/Critical Momenta, fp32 contiguous tensors, no foreach/fused flag,
+      numbers for lr and betas, fp32 or bf16 memory, the kernel builds), else "torch".
+      ``capturable=True`` with the memory on needs decisions on the device: "triton" or an error;
+    * ``"torch"``, ``"cpu"``, ``"triton"``: that one, or ``ValueError`` saying why it cannot run the group;
+      a group with the memory off runs torch's own optimizer under "triton" (it has nothing to decide;
+      ``executor_for`` says "torch"), and is an error under "cpu" (whose kernel is the memory's update).
     """
     if requested == "auto":
-        if work.cfg.kappa == 0.0 or CPU.unavailable(opt, work) is not None:
+        if work.cfg.kappa == 0.0:
             return TORCH
-        return CPU
-    executor = _BY_NAME[requested]
+        if work.group.get("capturable"):
+            return _checked("triton", opt, work, why="capturable=True with the memory on needs executor='triton'")
+        if _on_cuda(work):
+            reason = TRITON.unavailable(opt, work)
+            if reason is None:
+                return TRITON
+            _log_no_triton(reason)
+            return TORCH
+        return CPU if CPU.unavailable(opt, work) is None else TORCH
+    if requested == "triton" and work.cfg.kappa == 0.0:
+        return TORCH
+    return _checked(requested, opt, work)
+
+
+def _checked(name: str, opt: Any, work: Any, why: str | None = None) -> Any:
+    executor = _BY_NAME[name]
     reason = executor.unavailable(opt, work)
+    if reason is None and work.cfg.kappa > 0.0 and work.group.get("capturable") and name != "triton":
+        reason = "capturable=True with the memory on needs decisions on the device: executor='triton'"
     if reason is not None:
-        raise ValueError(f"executor={requested!r} cannot run param group {work.index}: {reason}")
+        prefix = f"{why}, which " if why else f"executor={name!r} "
+        raise ValueError(f"{prefix}cannot run param group {work.index}: {reason}")
     return executor
 
 
-__all__ = ["CPU", "EXECUTOR_CHOICES", "TORCH", "CpuExecutor", "TorchExecutor", "check_executor_name", "select_executor"]
+def _on_cuda(work: Any) -> bool:
+    params = work.lists["params"] or work.group["params"]
+    return bool(params) and getattr(params[0], "is_cuda", False)
+
+
+def _log_no_triton(reason: str) -> None:
+    global _logged_no_triton
+    if not _logged_no_triton:
+        _logged_no_triton = True
+        logger.info("hf_memopt: CUDA parameters run on the 'torch' executor: %s", reason)
+
+
+__all__ = [
+    "CPU",
+    "EXECUTOR_CHOICES",
+    "TORCH",
+    "TRITON",
+    "CpuExecutor",
+    "TorchExecutor",
+    "TritonExecutor",
+    "check_executor_name",
+    "select_executor",
+]
