@@ -108,15 +108,60 @@ class CountOps(TorchDispatchMode):
     FREE = ("view", "alias", "detach", "_unsafe_view", "as_strided", "narrow", "slice", "select", "lift_fresh")
     FREE += ("_record_function_enter_new", "_record_function_exit")  # profiler markers
 
+    #: > 0 while a Triton kernel launches: under the interpreter its own tensor ops are not the step's
+    paused = 0
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name not in self.FREE:
+        if name not in self.FREE and not CountOps.paused:
             self.ops[name] = self.ops.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+class CountLaunches:
+    """Counts the launches of the "triton" executor's kernels (as "triton:<kernel>")."""
+
+    NAMES = ("norm_partials", "unit_sums", "decide", "apply")
+
+    def __enter__(self) -> CountLaunches:
+        self.ops: dict[str, int] = {}
+        self._saved = {}
+        from hf_memopt.engine.executors import triton as triton_executor
+
+        self._module = triton_executor.kernels()
+        if self._module is None:
+            return self
+        for name in self.NAMES:
+            kernel = getattr(self._module, name)
+            self._saved[name] = kernel
+            setattr(self._module, name, _Counted(kernel, f"triton:{name}", self.ops))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, kernel in self._saved.items():
+            setattr(self._module, name, kernel)
+
+
+class _Counted:
+    def __init__(self, kernel, label: str, ops: dict[str, int]) -> None:
+        self.kernel, self.label, self.ops = kernel, label, ops
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.ops[self.label] = self.ops.get(self.label, 0) + 1
+            CountOps.paused += 1
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                CountOps.paused -= 1
+
+        return counted
 
 
 def profile_ops(shapes: list[tuple[int, ...]], args) -> None:
@@ -143,6 +188,16 @@ def profile_ops(shapes: list[tuple[int, ...]], args) -> None:
     # On CPU the "torch" executor shares the kernel's norm pass; every other device takes foreach norms.
     gpu_like = ("memopt_adamw torch, fused, foreach norms (the path of non-CPU devices)", configs[2][1])
     configs.append(gpu_like)
+    from hf_memopt.engine.executors import triton as triton_executor
+
+    if triton_executor.runs_on(torch.device(args.device)):  # on CPU: TRITON_INTERPRET=1
+        for name, cls in (
+            ("memopt_adamw", hf_memopt.MemoryAugmentedAdamW),
+            ("memopt_sgd", hf_memopt.MemoryAugmentedSGD),
+        ):
+            configs.append(
+                (f"{name} triton (Triton launches + aten ops)", lambda p, cls=cls: cls(p, topc=3, executor="triton"))
+            )
     print(f"| optimizer | ops/step, {len(small)} tensors | ops/step, {2 * len(small)} tensors | most frequent ops |")
     print("|---|---:|---:|---|")
     for label, factory in configs:
@@ -156,9 +211,9 @@ def profile_ops(shapes: list[tuple[int, ...]], args) -> None:
                 for p, g in zip(params, grads):
                     p.grad = g * (t + 1)
                 opt.step()
-            with CountOps() as mode:
+            with CountOps() as mode, CountLaunches() as launches:
                 opt.step()
-            counts.append(mode.ops)
+            counts.append({**mode.ops, **launches.ops})
         top = ", ".join(f"{n} {k}" for k, n in sorted(counts[0].items(), key=lambda kv: -kv[1])[:4])
         print(f"| {label} | {sum(counts[0].values())} | {sum(counts[1].values())} | {top} |")
 

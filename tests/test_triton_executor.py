@@ -311,3 +311,62 @@ def test_several_param_groups_each_with_its_own_memory(name):
                 assert torch.equal(a[k], b[k]), k
     for p, q in zip(runs["torch"][0], runs["triton"][0]):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_launches_per_step_do_not_grow_with_the_tensors(monkeypatch):
+    """One launch of each kernel per param group (and dtypes), whatever the number of tensors; the host
+    adds a few ops, none per tensor."""
+    from test_executors import _CountOps
+
+    kernels = triton_executor.kernels()
+    launches: list[str] = []
+    inside = []
+
+    def counting(name):
+        kernel = getattr(kernels, name)
+
+        class Counted:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append(name)
+                    inside.append(1)
+                    try:
+                        return kernel[grid](*args, **kwargs)
+                    finally:
+                        inside.pop()
+
+                return launch
+
+        return Counted()
+
+    for name in ("norm_partials", "unit_sums", "decide", "apply"):
+        monkeypatch.setattr(kernels, name, counting(name))
+
+    class HostOps(_CountOps):  # the interpreter's own tensor ops inside a launch are not the step's
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if inside:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def per_step(n_tensors):
+        params = [torch.nn.Parameter(torch.randn(7)) for _ in range(n_tensors)]
+        groups = [{"params": params[::2]}, {"params": params[1::2], "weight_decay": 0.0}]
+        opt = hf_memopt.MemoryAugmentedAdamW(groups, topc=3, decay=0.9, executor="triton")
+        gen = torch.Generator().manual_seed(0)
+        for t in range(5):
+            for p in params:
+                p.grad = torch.randn(7, generator=gen) * (t + 1)  # growing norms: admissions and evictions
+            if t < 4:
+                opt.step()
+        launches.clear()
+        with HostOps() as mode:
+            opt.step()
+        return list(launches), mode.count
+
+    few, many = per_step(6), per_step(48)
+    assert few == many
+    # per group: norm_partials, decide, apply; unit_sums once
+    assert sorted(few[0]) == sorted(["norm_partials", "decide", "apply"] * 2 + ["unit_sums"])
+    # host ops: the step counters' increment per group, and the copy of the gradients' pointer table
+    # (new gradient tensors every step here); torch.optim's two profiler markers
+    assert few[1] == 2 + 1 + 2

@@ -52,6 +52,21 @@ class TensorMap:
     unit_group: np.ndarray | None = None
     reductions: list[tuple[Any, np.ndarray]] = field(default_factory=list)
     check_groups: list[tuple[Any, np.ndarray]] = field(default_factory=list)
+    #: index tensors already on a device (see :func:`index_on`)
+    device_indices: dict[Any, Tensor] = field(default_factory=dict, repr=False)
+
+
+def index_on(tmap: TensorMap | None, values: Any, device: torch.device) -> Tensor:
+    """``values`` as an int64 index tensor on ``device``, made once per layout: a step then copies nothing
+    from the host (a blocking copy would synchronise a GPU step, and could not be captured)."""
+    host = np.ascontiguousarray(values, dtype=np.int64)
+    if tmap is None:
+        return torch.from_numpy(host).to(device)
+    key = (device, host.shape, host.tobytes())
+    index = tmap.device_indices.get(key)
+    if index is None:
+        index = tmap.device_indices[key] = torch.from_numpy(host).to(device)
+    return index
 
 
 class Layout(ABC):
@@ -72,7 +87,7 @@ class Layout(ABC):
             if len(idx) == len(full):
                 all_reduce(full, group)
             else:
-                index = torch.as_tensor(idx, device=full.device)
+                index = index_on(tmap, idx, full.device)
                 part = full[index]
                 all_reduce(part, group)
                 full[index] = part
@@ -96,11 +111,11 @@ def scatter_local(units: Sequence[Unit], local_sq: Tensor, tmap: TensorMap) -> T
     """
     out = torch.zeros(tmap.n_tensors, dtype=torch.float64, device=local_sq.device)
     if len(units):
-        out[torch.as_tensor(tmap.unit_tensor, dtype=torch.int64, device=local_sq.device)] = local_sq.to(torch.float64)
+        out[index_on(tmap, tmap.unit_tensor, local_sq.device)] = local_sq.to(torch.float64)
     return out
 
 
-def group_sums(values: Tensor, tensor_group: np.ndarray, n_groups: int) -> Tensor:
+def group_sums(values: Tensor, tensor_group: np.ndarray, n_groups: int, tmap: TensorMap | None = None) -> Tensor:
     """Per param group, the sum of ``values`` over its tensors, in tensor order.
 
     A padded gather and a row sum instead of ``index_add_``: CUDA's atomics would sum in a
@@ -112,7 +127,7 @@ def group_sums(values: Tensor, tensor_group: np.ndarray, n_groups: int) -> Tenso
     for g, m in enumerate(members):
         index[g, : len(m)] = m
     padded = torch.cat([values, values.new_zeros(1)])
-    return padded[torch.as_tensor(index, device=values.device)].sum(dim=1)
+    return padded[index_on(tmap, index, values.device)].sum(dim=1)
 
 
 def group_key(group: Any) -> tuple[int, ...]:
@@ -191,12 +206,12 @@ class ShardedNormReducer:
 
 def per_unit(units: Sequence[Unit], full: Tensor, tmap: TensorMap, unit_keys: Sequence[str]) -> Tensor:
     """The vector the core expects: full squared norm per unit, group sums folded as described above."""
-    out = full[torch.as_tensor(tmap.unit_tensor, dtype=torch.int64, device=full.device)]
+    out = full[index_on(tmap, tmap.unit_tensor, full.device)]
     if "group" not in unit_keys:
         return out
     assert tmap.unit_group is not None
     n_groups = int(max(tmap.tensor_group.max(initial=-1), tmap.unit_group.max(initial=-1))) + 1
-    sums = group_sums(full.sqrt(), tmap.tensor_group, n_groups)
+    sums = group_sums(full.sqrt(), tmap.tensor_group, n_groups, tmap)
     zero_units: list[int] = []
     first_units: list[int] = []
     first_groups: list[int] = []
@@ -213,7 +228,7 @@ def per_unit(units: Sequence[Unit], full: Tensor, tmap: TensorMap, unit_keys: Se
             zero_units.append(ui)
     device = full.device
     if zero_units:
-        out[torch.tensor(zero_units, device=device)] = 0.0
+        out[index_on(tmap, zero_units, device)] = 0.0
     if first_units:
-        out[torch.tensor(first_units, device=device)] = sums[torch.tensor(first_groups, device=device)].square()
+        out[index_on(tmap, first_units, device)] = sums[index_on(tmap, first_groups, device)].square()
     return out

@@ -30,10 +30,12 @@ class MemoryAugmentedAdamW(_AdamUpdate, torch.optim.AdamW):
         buffer_dtype: dtype of the stored gradients: None (the parameter's), bf16, fp16 or fp32.
 
         executor: which implementation runs the step (not saved in checkpoints): ``"auto"``
-            (default) picks ``"cpu"``, a single-pass C kernel doing aggregation, admission and the
-            AdamW update together, for fp32 CPU tensors with ``fused=None`` and ``foreach=None``,
-            and ``"torch"`` (multi-tensor torch ops, any device) otherwise; ``"torch"`` or ``"cpu"``
-            force one (``ValueError`` if it cannot run a group). See :meth:`executor_for`.
+            (default) picks ``"triton"`` (the GPU engine: decisions on the device, no host
+            synchronisation, CUDA-graph capturable) for CUDA tensors when Triton imports, ``"cpu"``
+            (a single-pass C kernel doing aggregation, admission and the update together) for fp32
+            CPU tensors with ``fused=None`` and ``foreach=None``, and ``"torch"`` (multi-tensor torch
+            ops, any device) otherwise; ``"torch"``, ``"cpu"`` or ``"triton"`` force one
+            (``ValueError`` if it cannot run a group). See :meth:`executor_for`.
         save_memory: False leaves the memory out of ``state_dict()`` (checkpoints of the base
             optimizer's size; a resume then starts with an empty memory, with a warning).
 

@@ -40,7 +40,7 @@ class CriticalMomentaAdamW(MemoryAugmentedOptimizer, torch.optim.AdamW):
         key: ``"group"`` (one priority per param group: the sum of its tensors' gradient norms)
             or ``"tensor"`` (each tensor's own gradient norm).
         buffer_dtype: dtype of the stored momenta: None (the parameter's), bf16, fp16 or fp32.
-        executor: ``"auto"`` (default), ``"torch"`` or ``"cpu"``, as for
+        executor: ``"auto"`` (default), ``"torch"``, ``"cpu"`` or ``"triton"``, as for
             :class:`MemoryAugmentedAdamW`; the "cpu" kernel has a Critical Momenta loop.
         save_memory: False leaves the memory out of ``state_dict()``.
         aggregation: not an argument of Critical Momenta (its aggregation is fixed); anything but

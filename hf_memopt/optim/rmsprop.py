@@ -15,8 +15,8 @@ class MemoryAugmentedRMSprop(MemoryAugmentedOptimizer, torch.optim.RMSprop):
     """RMSprop on the aggregate of the gradient and a memory of critical past gradients.
 
     Takes every argument of :class:`torch.optim.RMSprop` plus ``topc``, ``decay``, ``kappa``,
-    ``aggregation``, ``key``, ``buffer_dtype``, ``executor`` (``"auto"`` or ``"torch"``: the CPU
-    kernel is Adam's) and ``save_memory`` (see :class:`hf_memopt.MemoryAugmentedAdamW`).
+    ``aggregation``, ``key``, ``buffer_dtype``, ``executor`` (``"auto"``, ``"torch"`` or
+    ``"triton"``: the CPU kernel is Adam's) and ``save_memory`` (see :class:`hf_memopt.MemoryAugmentedAdamW`).
     Coupled L2 weight decay is added after aggregation.
     """
 

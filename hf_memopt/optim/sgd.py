@@ -16,7 +16,7 @@ class MemoryAugmentedSGD(MemoryAugmentedOptimizer, torch.optim.SGD):
 
     Takes every argument of :class:`torch.optim.SGD` plus ``topc``, ``decay``, ``kappa``,
     ``aggregation`` (default ``"sum"``, as in the paper's SGD), ``key``, ``buffer_dtype``,
-    ``executor`` (``"auto"`` or ``"torch"``: the CPU kernel is Adam's) and ``save_memory``
+    ``executor`` (``"auto"``, ``"torch"`` or ``"triton"``: the CPU kernel is Adam's) and ``save_memory``
     (see :class:`hf_memopt.MemoryAugmentedAdamW`). Coupled L2 weight decay is added after
     aggregation. Sparse gradients are not supported.
     """
