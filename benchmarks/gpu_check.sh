@@ -46,7 +46,7 @@ run() {
 if [[ $SELF_CHECK == 1 ]]; then
     export TRITON_INTERPRET=1
     DEVICE=cpu
-    SMALL=(--model tiny --topc 2 5 --steps 4 --rounds 2 --warmup 6)
+    SMALL=(--model tiny --topc 2 --steps 2 --rounds 1 --warmup 3)
     LARGE=(--model tiny --topc 2 --steps 2 --rounds 1 --warmup 3)
     TRAINER=(--synthetic --layers 1 --steps 3 --batch 2 --length 32 --repeats 1)
     TESTS=(tests/test_triton_executor.py -k "reads_nothing and AdamW-unsharded")

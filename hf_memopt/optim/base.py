@@ -123,7 +123,7 @@ class MemoryAugmentedOptimizer:
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform a single optimization step (SPEC section 1, steps 1-5)."""
         check = getattr(self, "_accelerator_graph_capture_health_check", None)
-        if check is not None:
+        if check is not None and "capturable" in self.defaults:  # as torch: SGD has no such flag to check
             check()
         loss = None
         if closure is not None:
