@@ -160,23 +160,31 @@ def scenarios_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
 
     # Checkpoints, same world size: save, go on; a fresh engine loads and must go on identically,
     # whether bound before the load (as Trainer does) or right after it.
+    # Critical Momenta (its memory holds momenta) and, where Triton runs, the "triton" executor too.
+    variants = [("adamw", {}), ("cm", {"aggregation": "cm"})]
+    if du.triton_runs_here():
+        variants.append(("triton", {"executor": "triton"}))
     for stage in (2, 3):
-        engine = engine_for(stage, buffer_dtype="bf16")
-        train(engine, rank, range(5))
-        # what DeepSpeed's universal converter requires of a checkpoint
-        engine.module.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
-        engine.save_checkpoint(f"{root}/z{stage}", tag="s5")
-        train(engine, rank, range(5, 9))
-        expected = full_params(engine)
-        for bind_first in (True, False):
-            engine = engine_for(stage, bind=bind_first, seed=1, buffer_dtype="bf16")
-            engine.load_checkpoint(f"{root}/z{stage}", tag="s5")
-            if not bind_first:
-                ds_adapter.bind(engine)
+        for variant, kw in variants:
+            path = f"{root}/z{stage}" if variant == "adamw" else f"{root}/z{stage}_{variant}"
+            engine = engine_for(stage, buffer_dtype="bf16", **kw)
+            train(engine, rank, range(5))
+            # what DeepSpeed's universal converter requires of a checkpoint
+            engine.module.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
+            engine.save_checkpoint(path, tag="s5")
             train(engine, rank, range(5, 9))
-            out[f"ckpt{stage}_{bind_first}"] = du.max_diff(full_params(engine), expected)
-            slot = next(v for k, v in client(engine).state[next(iter(client(engine).state))].items() if k == "memory_0")
-            out[f"ckpt{stage}_dtype"] = slot.dtype
+            expected = full_params(engine)
+            for bind_first in (True, False):
+                engine = engine_for(stage, bind=bind_first, seed=1, buffer_dtype="bf16", **kw)
+                engine.load_checkpoint(path, tag="s5")
+                if not bind_first:
+                    ds_adapter.bind(engine)
+                train(engine, rank, range(5, 9))
+                out[f"ckpt{stage}_{bind_first}_{variant}"] = du.max_diff(full_params(engine), expected)
+                state = client(engine).state[next(iter(client(engine).state))]
+                out[f"ckpt{stage}_dtype_{variant}"] = state["memory_0"].dtype
+                out[f"ckpt{stage}_count_{variant}"] = int(state["memory_count"].reshape(-1).max())
+                out[f"ckpt{stage}_ran_{variant}"] = client(engine).executor_for(0)
 
     # Universal checkpoint: DeepSpeed's converter keeps only fp32/exp_avg/exp_avg_sq.
     if rank == 0:  # DeepSpeed's converter fails on the memory's 0-dim priorities; to_universal strips them first
@@ -235,12 +243,21 @@ def test_deepspeed_zero3_sub_groups(scenarios: list[dict[str, Any]]) -> None:
     assert "sub_group_size" in res["subgroup_group_error"] and "key='tensor'" in res["subgroup_group_error"]
 
 
+@pytest.mark.parametrize("variant", ["adamw", "cm", "triton"])
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("bind_first", [True, False])
-def test_deepspeed_checkpoint_round_trip(scenarios: list[dict[str, Any]], stage: int, bind_first: bool) -> None:
+def test_deepspeed_checkpoint_round_trip(
+    scenarios: list[dict[str, Any]], stage: int, bind_first: bool, variant: str
+) -> None:
+    """Saved after 5 steps, loaded into a fresh engine: the next 4 steps equal the uninterrupted run's
+    (MemoryAugmentedAdamW; CriticalMomentaAdamW, whose memory holds momenta; the "triton" executor)."""
+    if variant == "triton" and not du.triton_runs_here():
+        pytest.skip("Triton cannot run CPU tensors here")
     for res in scenarios:
-        assert res[f"ckpt{stage}_{bind_first}"] < 1e-6
-        assert res[f"ckpt{stage}_dtype"] == torch.bfloat16
+        assert res[f"ckpt{stage}_{bind_first}_{variant}"] < 1e-6
+        assert res[f"ckpt{stage}_dtype_{variant}"] == torch.bfloat16
+        assert res[f"ckpt{stage}_count_{variant}"] == du.OPT_KW["topc"]  # the memory came back full
+        assert res[f"ckpt{stage}_ran_{variant}"] == ("triton" if variant == "triton" else "cpu")
 
 
 def test_deepspeed_universal_checkpoint_starts_empty_with_a_warning(scenarios: list[dict[str, Any]]) -> None:
