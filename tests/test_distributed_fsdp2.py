@@ -136,9 +136,9 @@ SAVED_STEPS, MORE_STEPS = 5, 4
 CKPT_KW = dict(key="group", buffer_dtype="bf16", **du.OPT_KW)
 
 
-def _ckpt_optimizer(model: torch.nn.Module, aggregation: str) -> Any:
+def _ckpt_optimizer(model: torch.nn.Module, aggregation: str, executor: str = "auto") -> Any:
     cls, agg_kw = du.optimizer_for(aggregation)
-    return cls(du.param_groups(model), **agg_kw, **CKPT_KW)
+    return cls(du.param_groups(model), **agg_kw, executor=executor, **CKPT_KW)
 
 
 def _grad_step(model: torch.nn.Module, opt: Any, step: int) -> None:
@@ -168,13 +168,15 @@ def _plugin() -> Any:
     return state, FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
 
 
-def save_worker(rank: int, world_size: int, root: str, aggregation: str = "mean") -> dict[str, Any] | None:
+def save_worker(
+    rank: int, world_size: int, root: str, aggregation: str = "mean", executor: str = "auto"
+) -> dict[str, Any] | None:
     import torch.distributed.checkpoint as dcp
     from accelerate.utils import save_fsdp_optimizer
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     model = _shard(du.make_model())
-    opt = _ckpt_optimizer(model, aggregation)
+    opt = _ckpt_optimizer(model, aggregation, executor)
     for step in range(SAVED_STEPS):
         _grad_step(model, opt, step)
     dcp.save(
@@ -190,10 +192,12 @@ def save_worker(rank: int, world_size: int, root: str, aggregation: str = "mean"
     for step in range(SAVED_STEPS, SAVED_STEPS + MORE_STEPS):
         _grad_step(model, opt, step)
     final = _full(model)  # a collective: every rank
-    return {"final": final, "stats": opt.memory_stats()} if rank == 0 else None
+    return {"final": final, "stats": opt.memory_stats(), "ran": opt.executor_for(0)} if rank == 0 else None
 
 
-def load_worker(rank: int, world_size: int, root: str, ways: list[str], aggregation: str = "mean") -> dict[str, Any]:
+def load_worker(
+    rank: int, world_size: int, root: str, ways: list[str], aggregation: str = "mean", executor: str = "auto"
+) -> dict[str, Any]:
     """Load the 2-rank checkpoint on ``world_size`` ranks each way in ``ways``, then train on."""
     import torch.distributed.checkpoint as dcp
     from accelerate.utils import load_fsdp_optimizer
@@ -209,7 +213,7 @@ def load_worker(rank: int, world_size: int, root: str, ways: list[str], aggregat
         saved = torch.load(f"{root}/full.pt", weights_only=True)
         snapshot = copy.deepcopy(saved["optim"])  # loading shares tensors (as torch does): later steps mutate them
         model = _shard(du.make_model(seed=1))  # other initial weights: everything must come from the checkpoint
-        opt = _ckpt_optimizer(model, aggregation)
+        opt = _ckpt_optimizer(model, aggregation, executor)
         full_opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, saved["model"], options=full_opts)
         if how == "dcp":
@@ -224,7 +228,7 @@ def load_worker(rank: int, world_size: int, root: str, ways: list[str], aggregat
         loaded = _full_optim(model, opt)
         for step in range(SAVED_STEPS, SAVED_STEPS + MORE_STEPS):
             _grad_step(model, opt, step)
-        out[how] = {"loaded": loaded, "final": _full(model), "saved": snapshot}
+        out[how] = {"loaded": loaded, "final": _full(model), "saved": snapshot, "ran": opt.executor_for(0)}
     return out
 
 
@@ -293,5 +297,27 @@ def test_fsdp2_critical_momenta_checkpoint_reshards_exactly(
     assert first["memory_0"].dtype == torch.bfloat16 and first["exp_avg"].dtype == torch.float32
     assert saved["param_groups"][0]["aggregation"] == "sum"  # the fixed m + kappa S / n, recorded for the engine
     _assert_same_state(results[0]["loaded"], saved)
+    for res in results:
+        assert du.max_diff(res["final"], expected["final"]) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def triton_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The "triton" executor (its ledger a device table whose rows the state's scalars view): saved with DCP
+    on 2 ranks, loaded on 3 (resharded), trained on."""
+    if not du.triton_runs_here():
+        pytest.skip("Triton cannot run CPU tensors here")
+    root = str(tmp_path_factory.mktemp("fsdp2_triton_ckpt"))
+    saved = du.run(save_worker, 2, root, "mean", "triton")[0]
+    return saved, du.run(load_worker, 3, root, ["dcp"], "mean", "triton")
+
+
+def test_fsdp2_triton_checkpoint_reshards_exactly(
+    triton_checkpoint: tuple[dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    expected, loaded = triton_checkpoint
+    results = [r["dcp"] for r in loaded]
+    assert expected["ran"] == "triton" and all(r["ran"] == "triton" for r in results)
+    _assert_same_state(results[0]["loaded"], results[0]["saved"])
     for res in results:
         assert du.max_diff(res["final"], expected["final"]) < 1e-6
