@@ -370,3 +370,29 @@ def test_launches_per_step_do_not_grow_with_the_tensors(monkeypatch):
     # host ops: the step counters' increment per group, and the copy of the gradients' pointer table
     # (new gradient tensors every step here); torch.optim's two profiler markers
     assert few[1] == 2 + 1 + 2
+
+
+@pytest.mark.parametrize("name", ["MemoryAugmentedAdamW", "CriticalMomentaAdamW"])
+def test_a_tensor_lr_is_never_read_on_the_host(name):
+    """lr as a tensor (what capturable schedules use): torch's update takes it as a tensor, and Critical
+    Momenta's own arithmetic keeps it one; the steps equal those with the same lr as a number."""
+    params, twin = make_params(), make_params()
+    kw = dict(weight_decay=0.1, topc=2, decay=0.8)
+    opt = getattr(hf_memopt, name)(params, lr=torch.tensor(1e-2), executor="triton", **kw)
+    ref = getattr(hf_memopt, name)(twin, lr=1e-2, executor="torch", **kw)
+    stream = list(gradient_stream(6))
+    for grads in stream[:2]:
+        set_grads(params, grads)
+        set_grads(twin, grads)
+        opt.step()
+        ref.step()
+    with HostReads(_steps(opt)) as reads:
+        for grads in stream[2:]:
+            set_grads(params, grads)
+            opt.step()
+    for grads in stream[2:]:
+        set_grads(twin, grads)
+        ref.step()
+    assert [c for c in reads.calls if "hf_memopt" in c[0]] == []
+    # the rule matrix's tolerance: with a tensor lr the bias corrections are tensor ops, rounded otherwise
+    assert_same_params(params, twin)

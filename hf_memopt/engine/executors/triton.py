@@ -326,7 +326,7 @@ class TritonExecutor:
                 REFRESH=rule.REFRESH_INTERVAL,
                 KEY_GROUP=g.key_group,
                 CHECK_CAST=reducer is None,
-                BLOCK_U=min(_next_pow2(g.n), 1024),
+                BLOCK_U=min(_next_pow2(g.n), 128),  # a [BLOCK_U, topc] tile of priorities stays in registers
                 BLOCK_C=_next_pow2(g.topc),
             )
         # 4: aggregate and admit (and Adam/AdamW's update, in the same pass)
