@@ -209,9 +209,9 @@ class CriticalMomentaUpdate(AdamUpdate):
             v = lists["max_exp_avg_sqs"]
         denom = torch._foreach_sqrt(v)
         steps = lists["state_steps"]
-        if group["capturable"] or group["fused"] or isinstance(group["lr"], Tensor):
-            # torch keeps the step counters on the parameters' device (capturable, fused), or lr is a
-            # tensor: the bias corrections are computed there too, nothing is read on the host
+        if group["capturable"] or group["fused"]:
+            # torch keeps the step counters on the parameters' device: the bias corrections are computed
+            # there too (in fp32, as torch's capturable AdamW does), nothing is read on the host
             bc1 = torch._foreach_pow(beta1, steps)
             torch._foreach_neg_(bc1)
             torch._foreach_add_(bc1, 1)  # 1 - beta1^t
@@ -226,12 +226,18 @@ class CriticalMomentaUpdate(AdamUpdate):
             torch._foreach_mul_(ratio, group["lr"])
             torch._foreach_sub_(params, ratio)
             return
-        lr = _number(group["lr"])
         # torch's single-tensor AdamW takes the step as a Python number (step_t.item()); the counters are
         # CPU tensors here, read in one call
         t = torch.stack([s.reshape(()) for s in steps]).tolist()
         torch._foreach_div_(denom, [(1 - beta2**s) ** 0.5 for s in t])
         torch._foreach_add_(denom, group["eps"])
+        lr = group["lr"]
+        if isinstance(lr, Tensor):  # a tensor lr stays one (reading it could wait for a device)
+            ratio = torch._foreach_div(m_tilde, denom)
+            torch._foreach_mul_(ratio, [1 / (1 - beta1**s) for s in t])
+            torch._foreach_mul_(ratio, lr)
+            torch._foreach_sub_(params, ratio)
+            return
         torch._foreach_addcdiv_(params, m_tilde, denom, [-(lr / (1 - beta1**s)) for s in t])
 
     def kernel_args(self, group: dict[str, Any], lists: Lists) -> AdamKernelArgs:
