@@ -92,7 +92,7 @@ def test_optim_args_none_resolves_to_defaults(tmp_path):
     args = training_args(tmp_path, optim="memopt_adamw")
     assert args.optim_args == (
         "topc=10,decay=0.7,kappa=1.0,aggregation=mean,key=group,buffer_dtype=None,"
-        "amsgrad=False,maximize=False,foreach=None,fused=None,save_memory=True"
+        "amsgrad=False,maximize=False,foreach=None,fused=None,save_memory=True,executor=auto"
     )
 
 
@@ -176,3 +176,20 @@ def test_save_memory_false_reaches_the_optimizer_and_its_checkpoints(tmp_path):
     optimizer.step()
     saved = optimizer.state_dict()["state"][0]
     assert "exp_avg" in saved and not any(key.startswith("memory_") for key in saved)
+
+
+@pytest.mark.parametrize("name", MEMOPT_NAMES)
+def test_executor_is_an_optim_arg_that_reaches_the_optimizer(tmp_path, name):
+    """``--optim_args executor=torch``: the CLI's way to pick the implementation (e.g. away from the GPU engine)."""
+    assert resolve_optim_args(name, None).values()["executor"] == "auto"
+    args = training_args(tmp_path, optim=name, optim_args="topc=2,executor=torch")
+    assert "executor=torch" in args.optim_args
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert kwargs["executor"] == "torch"
+    p = torch.nn.Parameter(torch.ones(4))
+    optimizer = cls([p], **kwargs)
+    p.grad = torch.ones(4)
+    optimizer.step()
+    assert optimizer.executor_for(0) == "torch"
+    with pytest.raises(ValueError, match="executor must be one of auto, torch, cpu, triton; got 'gpu'"):
+        resolve_optim_args(name, "executor=gpu")

@@ -130,6 +130,12 @@ _MOMENTUM = Option(_non_negative, 0.0, "number >= 0")
 #: carries the gradient memory. ``false``: checkpoints of about the size of the torch optimizer's; resuming
 #: from one warns and starts with empty memory.
 _SAVE_MEMORY = Option(_parse_bool, True, "true | false: keep the gradient memory in checkpoints")
+#: Not a hyperparameter either: which implementation runs the step (SPEC section 2; not saved in checkpoints).
+_EXECUTOR = Option(
+    _parse_choice(("auto", "torch", "cpu", "triton")),
+    "auto",
+    "auto | torch | cpu | triton: which implementation runs the step (auto: triton on CUDA, cpu on fp32 CPU Adam)",
+)
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ class OptimizerSpec:
 
     @property
     def options(self) -> dict[str, Option]:
-        """Every key ``optim_args`` accepts for this optimizer, memory keys first, ``save_memory`` last."""
+        """Every key ``optim_args`` accepts for this optimizer, memory keys first, ``save_memory`` and ``executor`` last."""
         memory = dict(_MEMORY_OPTIONS)
         memory["topc"] = Option(memory["topc"].parse, self.default_topc, memory["topc"].doc)
         if self.default_aggregation is None:
@@ -166,7 +172,7 @@ class OptimizerSpec:
             memory["aggregation"] = Option(
                 memory["aggregation"].parse, self.default_aggregation, memory["aggregation"].doc
             )
-        return {**memory, **self.base_options, "save_memory": _SAVE_MEMORY}
+        return {**memory, **self.base_options, "save_memory": _SAVE_MEMORY, "executor": _EXECUTOR}
 
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
         """The optimizer class (imported on first use: ``hf_memopt`` imports this module)."""
@@ -259,12 +265,13 @@ class ResolvedOptimArgs:
     memory: MemoryConfig
     base: dict[str, Any]
     save_memory: bool = True
+    executor: str = "auto"
 
     def constructor_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the optimizer class (besides lr/betas/eps/weight_decay)."""
         # the typed values (buffer_dtype as a torch.dtype), not the param-group form
         memory = {name: getattr(self.memory, name) for name in MEMORY_ARG_NAMES if name in self.spec.options}
-        return {**memory, **self.base, "save_memory": self.save_memory}
+        return {**memory, **self.base, "save_memory": self.save_memory, "executor": self.executor}
 
     def values(self) -> dict[str, Any]:
         """Every key with its resolved value, in the documented order."""
@@ -348,4 +355,4 @@ def resolve_optim_args(optim: Any, optim_args: str | Mapping[str, str] | None) -
     except ValueError as err:
         raise ValueError(f"optim_args: {err}") from None
     base = {key: values[key] for key in spec.base_options}
-    return ResolvedOptimArgs(spec, memory, base, save_memory=values["save_memory"])
+    return ResolvedOptimArgs(spec, memory, base, save_memory=values["save_memory"], executor=values["executor"])
