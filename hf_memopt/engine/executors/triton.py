@@ -248,7 +248,12 @@ class TritonExecutor:
 
     def run(self, opt: Any, works: Sequence[Any]) -> None:
         memory = [w for w in works if w.cfg.kappa > 0.0]
-        aggregates = self._memory_step(opt, memory) if memory else {}
+        by_device: dict[torch.device, list[Any]] = {}
+        for w in memory:  # one set of launches per device (a group's parameters share one)
+            by_device.setdefault(st.local_tensor(w.lists["params"][0]).device, []).append(w)
+        aggregates: dict[int, list[Tensor] | None] = {}
+        for device_works in by_device.values():
+            aggregates.update(self._memory_step(opt, device_works))
         for w in works:
             if aggregates.get(id(w), ()) is None:
                 continue  # Adam/AdamW updated in the kernel's pass
@@ -583,10 +588,6 @@ def _build_layout(opt: Any, works: Sequence[Any], reducer: Any) -> _Layout:
             state = opt.state[p]
             anchors.append((state, state["priority_0"], state["memory_sum"]))
             x = st.local_tensor(xs[i])
-            if st.local_tensor(p).device != device:
-                raise ValueError(
-                    "executor='triton' runs one device per optimizer step; the param groups are on several"
-                )
             bounds = opt._segments.get(id(p))
             offset = a_numel.get(x.dtype, 0)
             a_numel[x.dtype] = offset + x.numel()
