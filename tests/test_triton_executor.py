@@ -399,3 +399,26 @@ def test_a_tensor_lr_is_never_read_on_the_host(name):
     assert opt.param_groups[0]["lr"] is lr and id(lr) not in reads.read_ids
     for p, q in zip(params, twin):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["MemoryAugmentedAdamW", "MemoryAugmentedSGD", "CriticalMomentaAdamW"])
+def test_tensors_of_several_chunks(name):
+    """Tensors larger than one 16K-element chunk (the other tests' tensors fit in one): norms summed over
+    chunks, every chunk aggregated, admitted and updated; the same memory as the "torch" executor's, whose
+    CPU norms are the C kernel's (fp64 sums in another in-chunk order, equal once rounded to fp32)."""
+    shapes = [(40000,), (128, 128), (5,)]  # 3 chunks, exactly 1, a fraction of one
+    runs = {}
+    for executor in ("torch", "triton"):
+        params = make_params(shapes=shapes)
+        base = {k: v for k, v in OPTIMIZERS[name].items() if k != "fused"}
+        opt = getattr(hf_memopt, name)(params, executor=executor, topc=2, decay=0.8, buffer_dtype="bf16", **base)
+        for grads in gradient_stream(6, shapes=shapes):
+            set_grads(params, grads)
+            opt.step()
+        runs[executor] = (params, opt)
+    (p_torch, o_torch), (p_triton, o_triton) = runs["torch"], runs["triton"]
+    for p, q in zip(p_torch, p_triton):
+        a, b = o_torch.state[p], o_triton.state[q]
+        for key in ("memory_0", "memory_1", "memory_sum", "memory_count", "priority_0", "priority_1", "stored_at_0"):
+            assert torch.equal(a[key], b[key]), key
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
