@@ -217,7 +217,9 @@ def test_it_says_why_it_cannot_run_a_group(kwargs, dtype, why):
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setattr(triton_executor, "_interpreted", False)
+    from hf_memopt.engine.executors import triton_runtime
+
+    monkeypatch.setattr(triton_runtime, "_interpreted", False)
     p = torch.nn.Parameter(torch.zeros(3))
     opt = hf_memopt.MemoryAugmentedAdamW([p], executor="triton")
     p.grad = torch.ones(3)

@@ -28,183 +28,35 @@ the last bits (the aggregate of a bf16 gradient is rounded like torch's; the FMA
 
 Runs CUDA tensors, and CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before the
 first use), which is how the tests hold it to SPEC section 1 without a GPU.
+
+Its pieces: this module (the executor: choosing, launching), :mod:`.triton_layout` (device ledgers and
+the tables kept between steps), :mod:`.triton_kernels` (the kernels), :mod:`.triton_runtime` (loading
+Triton).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ...config import MemoryConfig
 from .. import rule
 from .. import state as st
 from .torch import _like
+from .triton_layout import DeviceLedger, Layout, build_layout, cast_limit, group_ledger, to_device
+from .triton_runtime import INTERPRET_ENV, kernels, runs_on, tl_dtype, triton_unavailable
 
 logger = logging.getLogger("hf_memopt")
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-INTERPRET_ENV = "TRITON_INTERPRET"
-
-_kernels: Any = None
-_kernels_error: str | None = None
-_interpreted = False
-
-
-def kernels() -> Any:
-    """The kernel module (imports Triton on first use), or None when Triton cannot be imported."""
-    global _kernels, _kernels_error, _interpreted
-    if _kernels is None and _kernels_error is None:
-        try:
-            from . import triton_kernels
-        except Exception as exc:  # ImportError, or a Triton that fails to initialise
-            _kernels_error = f"{type(exc).__name__}: {exc}"
-        else:
-            _kernels = triton_kernels
-            # @triton.jit chose compiled or interpreted kernels when the module was imported
-            _interpreted = os.environ.get(INTERPRET_ENV, "0") == "1"
-    return _kernels
-
-
-def triton_unavailable() -> str | None:
-    """Why Triton cannot run here (None: it can)."""
-    if kernels() is None:
-        return (
-            f"Triton cannot be imported ({_kernels_error}); it comes with CUDA builds of torch, or `pip install triton`"
-        )
-    return None
-
-
-def runs_on(device: torch.device) -> bool:
-    """Whether the kernels run tensors of ``device`` (CUDA; the CPU only under the interpreter)."""
-    if kernels() is None:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and _interpreted)
-
-
-_TL: dict[torch.dtype, Any] = {}
-
-
-def _tl(dtype: torch.dtype) -> Any:
-    if not _TL:
-        tl = kernels().tl
-        _TL.update({torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16})
-    return _TL[dtype]
-
-
-@functools.cache
-def cast_limit(dtype: torch.dtype) -> float:
-    """The smallest fp32 magnitude that is not finite once cast to ``dtype`` (inf for fp32 itself)."""
-    if dtype == torch.float32:
-        return float("inf")
-    lo = torch.tensor(torch.finfo(dtype).max, dtype=torch.float32).view(torch.int32).item()
-    hi = torch.tensor(float("inf"), dtype=torch.float32).view(torch.int32).item()
-    while hi - lo > 1:  # bisect on the bit patterns of positive fp32 values
-        mid = (lo + hi) // 2
-        if torch.tensor(mid, dtype=torch.int32).view(torch.float32).to(dtype).isinf():
-            hi = mid
-        else:
-            lo = mid
-    return torch.tensor(hi, dtype=torch.int32).view(torch.float32).item()
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
-
-
-@dataclass(eq=False)
-class DeviceLedger:
-    """One param group's ledger on its device: every memory unit of the group, one row each."""
-
-    pri: Tensor  # [R, C] float32
-    at: Tensor  # [R, C] int64
-    count: Tensor  # [R] int64
-    clock: Tensor  # [R] int64
-    first: dict[int, int]  # id(param) -> its first row
-
-    def snapshot(self) -> st.Ledger:
-        """A host copy (numpy), for ``memory_stats()``: the one transfer, when it is called."""
-        host = [t.cpu() for t in (self.pri, self.at, self.count, self.clock)]
-        return st.Ledger(*(t.numpy() for t in host), anchor=host[0])
-
-
-@dataclass(eq=False)
-class _Group:
-    index: int  # the param group's index
-    work: int  # index into the step's works
-    u0: int  # first of its units
-    n: int  # its units with a gradient
-    ledger: DeviceLedger
-    rows: Tensor  # ledger row of each unit
-    coef_g: Tensor  # fp32 [topc + 1], by count of stored values
-    coef_s: Tensor
-    limit: float  # cast_limit of the slot dtype
-    topc: int
-    decay: float
-    key_group: bool
-
-
-@dataclass(eq=False)
-class _Class:
-    """The units of one param group with one (g dtype, x dtype, slot dtype): one launch of each per-chunk kernel."""
-
-    g_dtype: torch.dtype
-    x_dtype: torch.dtype
-    slot_dtype: torch.dtype
-    work: int  # the param group (its index in the step's works): one launch per group and dtypes
-    chunk0: int
-    chunks: int
-
-
-@dataclass(eq=False)
-class _Layout:
-    """Everything about a step's units that stays put between steps (cached per optimizer layout)."""
-
-    units: list[tuple[int, int, Tensor, int, int, int]]  # (work, list index, param, segment, start or -1, numel)
-    classes: list[_Class]
-    groups: list[_Group]
-    anchors: list[tuple[dict[str, Any], Tensor, Tensor]]  # (state, priority_0, memory_sum) as bound
-    chunk_unit: Tensor
-    chunk_lo: Tensor
-    chunk_hi: Tensor
-    unit_chunk0: Tensor
-    unit_chunks: Tensor
-    unit_s: Tensor  # S pointers
-    unit_slots: Tensor  # [U, slot_stride] slot pointers
-    slot_stride: int
-    unit_a: Tensor  # element offset of each unit's aggregate in its dtype's buffer
-    unit_adam: Tensor  # [U, 4]: p, exp_avg, exp_avg_sq, max_exp_avg_sq addresses (0 where not used)
-    adam_ready: list[bool]  # per work: its Adam/AdamW update can run in the kernel (see _adam_eligible)
-    regions: dict[
-        tuple[int, int], tuple[torch.dtype, int, bool, int]
-    ]  # (work, index) -> (dtype, offset, segmented, numel)
-    device: torch.device
-    part_sq: Tensor
-    part_max: Tensor
-    unit_sq: Tensor
-    unit_max: Tensor
-    dec: dict[str, Tensor]
-    same_x: bool  # the stored values are the gradients (not Critical Momenta's momenta)
-    reducer_units: list[tuple[Tensor, int]] = field(default_factory=list)
-    reducer_pos: Tensor | None = None
-    unit_limit: Tensor | None = None
-    pointers: dict[str, tuple[bytes, Tensor]] = field(default_factory=dict)
-
-    def valid(self, opt: Any) -> bool:
-        """Whether the states still point at what the tables were built from (a load or another executor
-        rebinds them; a new parameter's first memory rebuilds its group's ledger)."""
-        for g in self.groups:
-            cached = opt._executor_cache.get(("triton-ledger", g.index))
-            if cached is None or cached[0] is not g.ledger:
-                return False
-        return all(s.get("priority_0") is pri and s.get("memory_sum") is ms for s, pri, ms in self.anchors)
 
 
 class TritonExecutor:
@@ -288,8 +140,8 @@ class TritonExecutor:
                 lay.part_sq,
                 lay.part_max,
                 c.chunk0,
-                G_DT=_tl(c.g_dtype),
-                X_DT=_tl(c.x_dtype),
+                G_DT=tl_dtype(c.g_dtype),
+                X_DT=tl_dtype(c.x_dtype),
                 SAME=lay.same_x,
                 BLOCK=block,
             )
@@ -371,8 +223,8 @@ class TritonExecutor:
                 lay.slot_stride,
                 lay.unit_adam,
                 *(scalars or _NO_ADAM).values(),
-                X_DT=_tl(c.x_dtype),
-                SLOT_DT=_tl(c.slot_dtype),
+                X_DT=tl_dtype(c.x_dtype),
+                SLOT_DT=tl_dtype(c.slot_dtype),
                 ADAM=scalars is not None,
                 DECOUPLED=bool(scalars and scalars["wd"] != 0 and works[c.work].group.get("decoupled_weight_decay")),
                 AMSGRAD=bool(scalars and works[c.work].group["amsgrad"]),
@@ -381,7 +233,7 @@ class TritonExecutor:
             )
         return out
 
-    def _reduce(self, lay: _Layout, reducer: st.NormReducer) -> Tensor:
+    def _reduce(self, lay: Layout, reducer: st.NormReducer) -> Tensor:
         """Full-tensor norms through the reducer's collective, on the device. A unit whose stored value is
         not finite in the buffer dtype enters as inf, so every rank refuses its priority group alike."""
         assert lay.reducer_pos is not None and lay.unit_limit is not None
@@ -391,7 +243,7 @@ class TritonExecutor:
         full = reducer(lay.reducer_units, full)
         return full.index_select(0, lay.reducer_pos.to(full.device)).to(lay.device)
 
-    def _pointers(self, lay: _Layout, name: str, lists: list[list[Tensor]]) -> Tensor:
+    def _pointers(self, lay: Layout, name: str, lists: list[list[Tensor]]) -> Tensor:
         """The device table of the addresses of each unit's values (cached while they do not move)."""
         addresses = np.empty(len(lay.units), dtype=np.int64)
         for j, (wi, i, _p, _si, start, _n) in enumerate(lay.units):
@@ -401,13 +253,13 @@ class TritonExecutor:
         cached = lay.pointers.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        table = _to_device(addresses, lay.device)
+        table = to_device(addresses, lay.device)
         lay.pointers[name] = (key, table)
         return table
 
     # -- the layout -------------------------------------------------------------------------
 
-    def _layout(self, opt: Any, works: Sequence[Any]) -> _Layout:
+    def _layout(self, opt: Any, works: Sequence[Any]) -> Layout:
         reducer = opt.norm_reducer
         key = (
             "triton",
@@ -418,9 +270,9 @@ class TritonExecutor:
         lay = opt._executor_cache.get(key)
         if lay is not None:
             for w in works:  # the ledgers first: a rebound one makes the layout stale
-                _group_ledger(opt, w.index, w.group, w.cfg.topc, lay.device)
+                group_ledger(opt, w.index, w.group, w.cfg.topc, lay.device)
         if lay is None or not lay.valid(opt):
-            lay = _build_layout(opt, works, reducer)
+            lay = build_layout(opt, works, reducer)
             opt._executor_cache[key] = lay
         return lay
 
@@ -429,35 +281,6 @@ class TritonExecutor:
 _NO_ADAM = dict(
     p_scale=1.0, wd=0.0, lerp_w=0.0, beta2=0.0, one_minus_beta2=0.0, bc2_sqrt=1.0, eps=0.0, neg_step_size=0.0
 )
-
-
-def _adam_eligible(opt: Any, w: Any) -> bool:
-    """Whether the group's Adam/AdamW update can run inside the kernel's pass: torch's default
-    implementation choice (no foreach/fused/capturable flag: the kernel stands in for its foreach
-    update), numbers for lr and betas, fp32 tensors, CPU step counters, no segments (a flat
-    partition's padding needs the plain update)."""
-    u, g = w.update, w.group
-    if u.stores_momentum or getattr(u, "kernel_args", None) is None:
-        return False
-    if g.get("foreach") is not None or g.get("fused") or g.get("capturable") or g.get("differentiable"):
-        return False
-    if isinstance(g["lr"], Tensor) or any(isinstance(b, Tensor) for b in g["betas"]):
-        return False
-    if any(opt._segments.get(id(p)) for p in w.lists["params"]):
-        return False
-    tensors = [*w.lists["params"], *w.lists["grads"]]
-    if any(st.local_tensor(t).dtype != torch.float32 for t in tensors):
-        return False
-    return all(s.device.type == "cpu" for s in w.lists["state_steps"])
-
-
-def _adam_tensors(w: Any, i: int) -> list[Tensor]:
-    """The local tensors the kernel's Adam update reads and writes for parameter ``i`` of ``w``."""
-    lists = w.lists
-    out = [lists["params"][i], lists["exp_avgs"][i], lists["exp_avg_sqs"][i]]
-    if w.group["amsgrad"]:
-        out.append(lists["max_exp_avg_sqs"][i])
-    return [st.local_tensor(t) for t in out]
 
 
 def _adam_scalars(opt: Any, w: Any) -> dict[str, float] | None:
@@ -493,212 +316,4 @@ def _adam_scalars(opt: Any, w: Any) -> dict[str, float] | None:
     )
 
 
-def _to_device(values: np.ndarray, device: torch.device) -> Tensor:
-    """A small host array on ``device`` without blocking (pinned memory, asynchronous copy)."""
-    host = torch.from_numpy(values)
-    if device.type == "cpu":
-        return host.clone()
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def _group_ledger(opt: Any, index: int, group: dict[str, Any], topc: int, device: torch.device) -> DeviceLedger:
-    """The device ledger of param group ``index``: cached while every memory state of the group points at it
-    (a new parameter's first memory, a load or another executor's step rebinds it)."""
-    key = ("triton-ledger", index)
-    cached = opt._executor_cache.get(key)
-    if cached is not None:
-        ledger, bound = cached
-        current = [opt.state[p]["priority_0"] for p in group["params"] if "memory_sum" in opt.state.get(p, {})]
-        if len(current) == len(bound) and all(a is b for a, b in zip(current, bound)):
-            return ledger
-    ledger = _bind_group_ledger(opt, group, topc, device)
-    bound = [opt.state[p]["priority_0"] for p in group["params"] if "memory_sum" in opt.state.get(p, {})]
-    opt._executor_cache[key] = (ledger, bound)
-    return ledger
-
-
-def _bind_group_ledger(opt: Any, group: dict[str, Any], topc: int, device: torch.device) -> DeviceLedger:
-    """Gather the ledger rows of every memory parameter of ``group`` into one device table and point the
-    states at it (``ledger.first``: each parameter's first row)."""
-    pri, at, count, clock = [], [], [], []
-    first: dict[int, int] = {}
-    states = []
-    rows = 0
-    for p in group["params"]:
-        state = opt.state.get(p, {})
-        if "memory_sum" not in state:
-            continue
-        anchor = state["priority_0"]
-        units = 1 if anchor.dim() == 0 else anchor.shape[0]
-        pri.append(
-            torch.stack([state[f"priority_{i}"].detach().reshape(units) for i in range(topc)], 1).to(
-                device, torch.float32
-            )
-        )
-        at.append(
-            torch.stack([state[f"stored_at_{i}"].detach().reshape(units) for i in range(topc)], 1).to(
-                device, torch.int64
-            )
-        )
-        count.append(state["memory_count"].detach().reshape(units).to(device, torch.int64))
-        clock.append(state["memory_clock"].detach().reshape(units).to(device, torch.int64))
-        first[id(p)] = rows
-        opt._device_ledgers.pop(id(anchor), None)
-        states.append((p, state, units))
-        rows += units
-    ledger = DeviceLedger(torch.cat(pri), torch.cat(at), torch.cat(count), torch.cat(clock), first)
-    for p, state, units in states:
-        r = first[id(p)]
-        st.bind_scalars(
-            state,
-            ledger.pri[r : r + units],
-            ledger.at[r : r + units],
-            ledger.count[r : r + units],
-            ledger.clock[r : r + units],
-        )
-        opt._device_ledgers[id(state["priority_0"])] = (state["priority_0"], ledger, r, units)
-    return ledger
-
-
-def _build_layout(opt: Any, works: Sequence[Any], reducer: Any) -> _Layout:
-    k = kernels()
-    units: list[tuple[int, int, Tensor, int, int, int]] = []
-    unit_class: list[tuple[torch.dtype, torch.dtype, torch.dtype]] = []
-    groups: list[_Group] = []
-    anchors = []
-    regions: dict[tuple[int, int], tuple[torch.dtype, int, bool, int]] = {}
-    a_numel: dict[torch.dtype, int] = {}
-    unit_a: list[int] = []
-    unit_adam: list[list[int]] = []
-    adam_ready = [_adam_eligible(opt, w) for w in works]
-    unit_work: list[int] = []
-    s_ptrs: list[int] = []
-    slot_ptrs: list[list[int]] = []
-    slot_stride = max(w.cfg.topc for w in works)
-    device = st.local_tensor(works[0].lists["params"][0]).device
-    for wi, w in enumerate(works):
-        cfg = w.cfg
-        ledger = _group_ledger(opt, w.index, w.group, cfg.topc, device)
-        first = ledger.first
-        u0 = len(units)
-        rows: list[int] = []
-        xs, gs = w.lists[w.update.memory_source], w.lists["grads"]
-        slot_dtype = None
-        for i, p in enumerate(w.lists["params"]):
-            state = opt.state[p]
-            anchors.append((state, state["priority_0"], state["memory_sum"]))
-            x = st.local_tensor(xs[i])
-            bounds = opt._segments.get(id(p))
-            offset = a_numel.get(x.dtype, 0)
-            a_numel[x.dtype] = offset + x.numel()
-            regions[(wi, i)] = (x.dtype, offset, bool(bounds), x.numel())
-            adam_state = _adam_tensors(w, i) if adam_ready[wi] else []
-            slots = [st.local_tensor(state[key]) for key in st.slot_keys(cfg.topc)]
-            slot_dtype = slots[0].dtype
-            s_local = st.local_tensor(state["memory_sum"])
-            for si, (start, numel) in enumerate(bounds or [(-1, x.numel())]):
-                units.append((wi, i, p, si, start, numel))
-                unit_class.append((st.local_tensor(gs[i]).dtype, x.dtype, slot_dtype))
-                unit_work.append(wi)
-                unit_adam.append([t.data_ptr() + max(start, 0) * 4 for t in adam_state] + [0] * (4 - len(adam_state)))
-                rows.append(first[id(p)] + si)
-                base = max(start, 0)
-                unit_a.append(offset + base)
-                s_ptrs.append(s_local.data_ptr() + base * s_local.element_size())
-                ptrs = [t.data_ptr() + base * t.element_size() for t in slots]
-                slot_ptrs.append(ptrs + [0] * (slot_stride - len(ptrs)))
-        coef_g, coef_s = rule.coefficients(np.arange(cfg.topc + 1), cfg.kappa, cfg.aggregation)
-        groups.append(
-            _Group(
-                index=w.index,
-                work=wi,
-                u0=u0,
-                n=len(units) - u0,
-                ledger=ledger,
-                rows=_to_device(np.array(rows, dtype=np.int64), device),
-                coef_g=torch.from_numpy(coef_g.astype(np.float32)).to(device),
-                coef_s=torch.from_numpy(coef_s.astype(np.float32)).to(device),
-                limit=cast_limit(slot_dtype),
-                topc=cfg.topc,
-                decay=cfg.decay,
-                key_group=cfg.key == "group",
-            )
-        )
-    # chunks, grouped by dtype class (one launch per class), in unit order within a class
-    chunk_unit: list[int] = []
-    chunk_lo: list[int] = []
-    chunk_hi: list[int] = []
-    unit_chunk0 = [0] * len(units)
-    unit_chunks = [0] * len(units)
-    classes: list[_Class] = []
-    for cls in dict.fromkeys(zip(unit_class, unit_work)):
-        c0 = len(chunk_unit)
-        for u, (unit, ucls) in enumerate(zip(units, zip(unit_class, unit_work))):
-            if ucls != cls:
-                continue
-            numel = unit[5]
-            unit_chunk0[u] = len(chunk_unit)
-            for lo in range(0, numel, k.CHUNK):
-                chunk_unit.append(u)
-                chunk_lo.append(lo)
-                chunk_hi.append(min(lo + k.CHUNK, numel))
-            unit_chunks[u] = len(chunk_unit) - unit_chunk0[u]
-        classes.append(_Class(*cls[0], work=cls[1], chunk0=c0, chunks=len(chunk_unit) - c0))
-    classes = [c for c in classes if c.chunks]
-
-    def dev(values: list[int] | list[list[int]]) -> Tensor:
-        return _to_device(np.array(values, dtype=np.int64), device)
-
-    n = len(units)
-    lay = _Layout(
-        units=units,
-        classes=classes,
-        groups=groups,
-        anchors=anchors,
-        chunk_unit=dev(chunk_unit),
-        chunk_lo=dev(chunk_lo),
-        chunk_hi=dev(chunk_hi),
-        unit_chunk0=dev(unit_chunk0),
-        unit_chunks=dev(unit_chunks),
-        unit_s=dev(s_ptrs),
-        unit_slots=dev(slot_ptrs),
-        slot_stride=slot_stride,
-        unit_a=dev(unit_a),
-        unit_adam=dev(unit_adam),
-        adam_ready=adam_ready,
-        regions=regions,
-        device=device,
-        part_sq=torch.empty(max(len(chunk_unit), 1), dtype=torch.float64, device=device),
-        part_max=torch.empty(max(len(chunk_unit), 1), dtype=torch.float32, device=device),
-        unit_sq=torch.empty(n, dtype=torch.float64, device=device),
-        unit_max=torch.empty(n, dtype=torch.float32, device=device),
-        dec={  # in the order the kernels take them
-            "cg": torch.empty(n, dtype=torch.float32, device=device),
-            "cs": torch.empty(n, dtype=torch.float32, device=device),
-            "mode": torch.empty(n, dtype=torch.int32, device=device),
-            "slot": torch.empty(n, dtype=torch.int64, device=device),
-            "refresh": torch.empty(n, dtype=torch.int32, device=device),
-            "count": torch.empty(n, dtype=torch.int64, device=device),
-        },
-        same_x=all(w.update.memory_source == "grads" for w in works),
-    )
-    if reducer is not None:
-        _reducer_layout(opt, works, lay)
-    return lay
-
-
-def _reducer_layout(opt: Any, works: Sequence[Any], lay: _Layout) -> None:
-    """The reducer's unit list (every unit of every memory parameter of the groups, gradient or not: the same
-    on every rank) and where this step's units sit in it."""
-    position: dict[tuple[int, int], int] = {}
-    for group in opt.param_groups:  # every memory group, as the host plan lays them out (plan.plan_groups)
-        if MemoryConfig.from_group(group).kappa == 0.0:
-            continue
-        for p in group["params"]:
-            for si in range(len(opt._segments.get(id(p)) or [None])):
-                position[(id(p), si)] = len(lay.reducer_units)
-                lay.reducer_units.append((p, si))
-    pos = [position[(id(p), si)] for _wi, _i, p, si, _s, _n in lay.units]
-    limits = [g.limit for g in lay.groups for _ in range(g.n)]
-    lay.reducer_pos = _to_device(np.array(pos, dtype=np.int64), lay.device)
-    lay.unit_limit = torch.tensor(limits, dtype=torch.float32).to(lay.device)
+__all__ = ["INTERPRET_ENV", "DeviceLedger", "TritonExecutor", "cast_limit", "kernels", "runs_on", "triton_unavailable"]
