@@ -119,17 +119,24 @@ class TritonExecutor:
     # -- one step ---------------------------------------------------------------------------
 
     def _memory_step(self, opt: Any, works: Sequence[Any]) -> dict[int, list[Tensor] | None]:
-        """Steps 1-4 for ``works``; returns each work's aggregates for its base update (None: the kernel
-        already ran its Adam/AdamW update)."""
-        k = kernels()
+        """SPEC 1 steps 1-5 for ``works`` (one device); returns each work's aggregates for its base update
+        (None: the kernel already ran its Adam/AdamW update)."""
         lay = self._layout(opt, works)
         adam = [_adam_scalars(opt, w) if lay.adam_ready[wi] else None for wi, w in enumerate(works)]
         x_lists = [w.lists[w.update.memory_source] for w in works]
-        g_lists = [w.lists["grads"] for w in works]
         x_tab = self._pointers(lay, "x", x_lists)
-        g_tab = x_tab if lay.same_x else self._pointers(lay, "g", g_lists)
-        block = k.BLOCK
-        # 1-2: norms
+        g_tab = x_tab if lay.same_x else self._pointers(lay, "g", [w.lists["grads"] for w in works])
+        sq = self._norms(lay, g_tab, x_tab)  # step 1
+        if opt.norm_reducer is not None:
+            sq = self._reduce(lay, opt.norm_reducer)
+        self._decide(opt, lay, sq)  # steps 3 and 5, on the device ledger
+        buffers, out = self._aggregate_buffers(lay, works, x_lists, adam)
+        self._apply(lay, works, x_tab, buffers, adam)  # steps 2-3 (and 4 for Adam/AdamW)
+        return out
+
+    def _norms(self, lay: Layout, g_tab: Tensor, x_tab: Tensor) -> Tensor:
+        """Per unit: the fp64 squared norm of g and the largest |x| (into ``lay.unit_sq``/``unit_max``)."""
+        k = kernels()
         for c in lay.classes:
             k.norm_partials[(c.chunks,)](
                 g_tab,
@@ -143,10 +150,9 @@ class TritonExecutor:
                 G_DT=tl_dtype(c.g_dtype),
                 X_DT=tl_dtype(c.x_dtype),
                 SAME=lay.same_x,
-                BLOCK=block,
+                BLOCK=k.BLOCK,
             )
-        n_units = len(lay.units)
-        k.unit_sums[(n_units,)](
+        k.unit_sums[(len(lay.units),)](
             lay.part_sq,
             lay.part_max,
             lay.unit_chunk0,
@@ -155,13 +161,12 @@ class TritonExecutor:
             lay.unit_max,
             SUM_BLOCK=k.SUM_BLOCK,
         )
-        sq = lay.unit_sq
-        reducer = opt.norm_reducer
-        if reducer is not None:
-            sq = self._reduce(lay, reducer)
-        # 3: decisions and commit, on the device
+        return lay.unit_sq
+
+    def _decide(self, opt: Any, lay: Layout, sq: Tensor) -> None:
+        """One ``decide`` per param group: decisions into ``lay.dec``, the ledger committed, counters added."""
+        k = kernels()
         stats = opt._stats.counters(lay.device)
-        d = lay.dec
         for g in lay.groups:
             k.decide[(1,)](
                 sq,
@@ -175,18 +180,23 @@ class TritonExecutor:
                 g.ledger.clock,
                 g.coef_g,
                 g.coef_s,
-                *d.values(),  # cg, cs, mode, slot, refresh, count: the kernels' order
+                *lay.dec.values(),  # cg, cs, mode, slot, refresh, count: the kernels' order
                 stats,
                 g.topc,
                 g.limit,
                 g.decay,
                 REFRESH=rule.REFRESH_INTERVAL,
                 KEY_GROUP=g.key_group,
-                CHECK_CAST=reducer is None,
+                CHECK_CAST=opt.norm_reducer is None,  # under a reducer it was folded into sq, for every rank
                 BLOCK_U=min(_next_pow2(g.n), 128),  # a [BLOCK_U, topc] tile of priorities stays in registers
                 BLOCK_C=_next_pow2(g.topc),
             )
-        # 4: aggregate and admit (and Adam/AdamW's update, in the same pass)
+
+    def _aggregate_buffers(
+        self, lay: Layout, works: Sequence[Any], x_lists: list[list[Tensor]], adam: list[dict[str, float] | None]
+    ) -> tuple[dict[torch.dtype, Tensor], dict[int, list[Tensor] | None]]:
+        """One buffer per dtype for the aggregates of the works whose base update is torch's (the one
+        transient gradient-sized tensor per tensor), and those aggregates as tensors like the values."""
         sizes: dict[torch.dtype, int] = {}
         for (wi, _i), (dtype, offset, _seg, numel) in lay.regions.items():
             if adam[wi] is None:
@@ -197,9 +207,8 @@ class TritonExecutor:
             if adam[wi] is not None:
                 out[id(w)] = None
                 continue
-            xs = x_lists[wi]
-            aggregates = list(xs)
-            for i, x in enumerate(xs):
+            aggregates = list(x_lists[wi])
+            for i, x in enumerate(x_lists[wi]):
                 dtype, offset, segmented, _numel = lay.regions[(wi, i)]
                 local = st.local_tensor(x)
                 region = buffers[dtype].narrow(0, offset, local.numel()).view_as(local)
@@ -207,8 +216,21 @@ class TritonExecutor:
                     region.copy_(local)  # the elements outside its segments (padding) keep x
                 aggregates[i] = _like(x, region)
             out[id(w)] = aggregates
+        return buffers, out
+
+    def _apply(
+        self,
+        lay: Layout,
+        works: Sequence[Any],
+        x_tab: Tensor,
+        buffers: dict[torch.dtype, Tensor],
+        adam: list[dict[str, float] | None],
+    ) -> None:
+        """One ``apply`` per param group and dtypes: aggregate, admit or refresh, and Adam/AdamW's update."""
+        k = kernels()
         for c in lay.classes:
             scalars = adam[c.work]
+            group = works[c.work].group
             k.apply[(c.chunks,)](
                 x_tab,
                 lay.unit_s,
@@ -219,19 +241,18 @@ class TritonExecutor:
                 lay.chunk_lo,
                 lay.chunk_hi,
                 c.chunk0,
-                *d.values(),  # cg, cs, mode, slot, refresh, count: the kernels' order
+                *lay.dec.values(),  # cg, cs, mode, slot, refresh, count: the kernels' order
                 lay.slot_stride,
                 lay.unit_adam,
                 *(scalars or _NO_ADAM).values(),
                 X_DT=tl_dtype(c.x_dtype),
                 SLOT_DT=tl_dtype(c.slot_dtype),
                 ADAM=scalars is not None,
-                DECOUPLED=bool(scalars and scalars["wd"] != 0 and works[c.work].group.get("decoupled_weight_decay")),
-                AMSGRAD=bool(scalars and works[c.work].group["amsgrad"]),
-                MAXIMIZE=bool(scalars and works[c.work].group["maximize"]),
-                BLOCK=block,
+                DECOUPLED=bool(scalars and scalars["wd"] != 0 and group.get("decoupled_weight_decay")),
+                AMSGRAD=bool(scalars and group["amsgrad"]),
+                MAXIMIZE=bool(scalars and group["maximize"]),
+                BLOCK=k.BLOCK,
             )
-        return out
 
     def _reduce(self, lay: Layout, reducer: st.NormReducer) -> Tensor:
         """Full-tensor norms through the reducer's collective, on the device. A unit whose stored value is
