@@ -345,6 +345,30 @@ TASKS = {
     "lm": Task("lm", (3e-4, 1e-3, 3e-3), 300, 25, False, "validation loss (nats/byte)", build_lm),
     "sst2": Task("sst2", (2e-5, 5e-5, 1e-4), 150, 25, True, "accuracy", lambda s: _build_minilm(s, "sst2")),
     "snli": Task("snli", (2e-5, 5e-5, 1e-4), 150, 25, True, "accuracy", lambda s: _build_minilm(s, "snli")),
+    # The older tasks again with the fair budget of the paper's regimes (9 trials each, memopt's including
+    # its (topc, decay)), the same model, data, schedule and clipping; AdamW's 9 lrs bracket the old grid.
+    "logreg_fair": Task(
+        "logreg_fair",
+        (),
+        400,
+        20,
+        False,
+        "objective - optimum",
+        build_logreg,
+        pairs=(("adamw", "memopt"),),
+        base_lrs={"adamw": tuple(10 * x for x in _BASE_ADAM_LRS)},  # 1e-3 .. 0.5 (the old grid: 1e-3, 1e-2, 1e-1)
+    ),
+    "lm_fair": Task(
+        "lm_fair",
+        (),
+        300,
+        25,
+        False,
+        "validation loss (nats/byte)",
+        build_lm,
+        pairs=(("adamw", "memopt"),),
+        base_lrs={"adamw": _BASE_ADAM_LRS},
+    ),
     "digits": Task(
         "digits",
         (),
