@@ -72,8 +72,6 @@ def select_executor(requested: str, opt: Any, work: Any) -> TorchExecutor | CpuE
 def _checked(name: str, opt: Any, work: Any, why: str | None = None) -> Any:
     executor = _BY_NAME[name]
     reason = executor.unavailable(opt, work)
-    if reason is None and work.cfg.kappa > 0.0 and work.group.get("capturable") and name != "triton":
-        reason = "capturable=True with the memory on needs decisions on the device: executor='triton'"
     if reason is not None:
         prefix = f"{why}, which " if why else f"executor={name!r} "
         raise ValueError(f"{prefix}cannot run param group {work.index}: {reason}")

@@ -39,7 +39,10 @@ class TorchExecutor:
     decides_on_host = True
 
     def unavailable(self, opt: Any, work: Any) -> str | None:
-        """Why this executor cannot run ``work`` (None: it can; it always can)."""
+        """Why this executor cannot run ``work`` (None: it can): only a capturable group with the memory on,
+        whose decisions must stay on the device."""
+        if work.cfg.kappa > 0.0 and work.group.get("capturable"):
+            return "capturable=True with the memory on needs decisions on the device: executor='triton'"
         return None
 
     def prepare(self, opt: Any, works: Sequence[Any]) -> None:

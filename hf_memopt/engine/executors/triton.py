@@ -71,8 +71,6 @@ class TritonExecutor:
         if reason is not None:
             return reason
         group = work.group
-        if group.get("differentiable"):
-            return "differentiable=True is not supported with the memory on"
         tensors = [st.local_tensor(p) for p in group["params"]]
         devices = {t.device for t in tensors}
         if len(devices) > 1:
