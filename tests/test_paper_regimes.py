@@ -67,10 +67,47 @@ def test_digits_split_fixed_and_budgets_equal():
     xt, yt, xv, yv = a
     assert (len(yt), len(yv)) == (1437, 360) and xt.shape[1] == 64
     assert torch.allclose(xt.mean(0), torch.zeros(64), atol=1e-5)
-    for name in ("digits", "ptb"):
-        task = conv.TASKS[name]
+    fair = [t for t in conv.TASKS.values() if t.pairs]
+    assert {t.name for t in fair} >= {"digits", "ptb", "logreg_fair", "lm_fair", "sst2_fair", "snli_fair"}
+    for task in fair:
         for base, memopt in task.pairs:
             grid_b, grid_m = conv.fair_grid(task, base), conv.fair_grid(task, memopt)
-            assert len(grid_b) == len(grid_m) == 9
-            assert {lr for lr, _ in grid_m} <= {lr for lr, _ in grid_b}
+            assert len(grid_b) == len(grid_m) == 9, task.name
+            assert {lr for lr, _ in grid_m} <= {lr for lr, _ in grid_b}, task.name
             assert {(m["topc"], m["decay"]) for _, m in grid_m} == {(5, 0.7), (10, 0.9), (20, 0.99)}
+            assert len({lr for lr, _ in grid_m}) == 3 and all(m == {} for _, m in grid_b)
+    # the fair reruns of the older tasks keep their model, data, length and schedule
+    for name in ("logreg", "lm", "sst2", "snli"):
+        old, new = conv.TASKS[name], conv.TASKS[f"{name}_fair"]
+        assert (old.build, old.steps, old.schedule, old.clip) == (new.build, new.steps, new.schedule, new.clip)
+        assert min(old.lrs) >= min(new.base_lrs["adamw"]) and max(old.lrs) <= max(new.base_lrs["adamw"])
+    for name in ("sst2", "snli"):  # memopt keeps the old grid, where its best lrs were found
+        assert {lr for lr, _ in conv.fair_grid(conv.TASKS[f"{name}_fair"], "memopt")} == set(conv.TASKS[name].lrs)
+
+
+def test_fair_best_picks_seed0_best_and_skips_nonfinite():
+    conv = _convergence()
+    task = conv.TASKS["sst2_fair"]
+    grid = conv.fair_grid(task, "memopt")
+
+    def row(lr, memory, final, seed=0):
+        return {
+            "task": task.name,
+            "optimizer": "memopt",
+            "lr": lr,
+            "memory": memory,
+            "seed": seed,
+            "steps": task.steps,
+            "final": final,
+        }
+
+    # a diverged trial first in grid order (max() would keep a leading NaN), a tie, another seed's better value
+    rows = [
+        row(*grid[0], float("nan")),
+        row(*grid[1], 0.70),
+        row(*grid[5], 0.80),
+        row(*grid[5], 0.99, seed=1),
+        row(*grid[7], 0.80),
+    ]
+    assert conv.fair_best(rows, task, "memopt", task.steps) == grid[5]  # ties: the first in grid order
+    assert conv.fair_best(rows, task, "memopt", task.steps + 1) is None  # another length is another study
