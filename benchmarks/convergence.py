@@ -980,7 +980,7 @@ def plot_fair(rows, task: Task, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     lengths = sorted({r["steps"] for r in rows if r["task"] == task.name and "steps" in r})
     for steps in lengths:
-        fig, axes = plt.subplots(1, len(task.pairs), figsize=(5 * len(task.pairs), 3.8), squeeze=False)
+        fig, axes = plt.subplots(1, len(task.pairs), figsize=(max(6.5, 5 * len(task.pairs)), 3.8), squeeze=False)
         for ax, pair in zip(axes[0], task.pairs):
             for optimizer, style in zip(pair, ("-", "--")):
                 best = fair_best(rows, task, optimizer, steps)
@@ -1005,7 +1005,7 @@ def plot_fair(rows, task: Task, folder: Path) -> None:
             ax.set_title(f"{pair[0]} / {pair[1]}")
             ax.legend(fontsize=8)
         suffix = f"_{steps}" if len(lengths) > 1 else ""
-        fig.suptitle(f"{task.name}, {steps} steps: each optimizer's best trial, mean over seeds")
+        fig.suptitle(f"{task.name}, {steps} steps: each optimizer's best trial, mean over seeds", fontsize=10)
         fig.tight_layout()
         fig.savefig(folder / f"{task.name}{suffix}.png", dpi=100)
         plt.close(fig)
