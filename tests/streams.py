@@ -32,3 +32,19 @@ def gradient_stream(steps: int, dtype: torch.dtype = torch.float32, seed: int = 
 def set_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
     for p, g in zip(params, grads):
         p.grad = None if g is None else g.clone()
+
+
+def lockstep(stream, *runs: tuple[object, list[torch.Tensor]]):
+    """Step every ``(optimizer, params)`` run on the same gradients, one step at a time; yields each step's
+    index and gradients after all runs took it, so a test can compare them between steps."""
+    for t, grads in enumerate(stream):
+        for opt, params in runs:
+            set_grads(params, grads)
+            opt.step()
+        yield t, grads
+
+
+def step_all(stream, *runs: tuple[object, list[torch.Tensor]]) -> None:
+    """:func:`lockstep` to the end of ``stream``."""
+    for _ in lockstep(stream, *runs):
+        pass

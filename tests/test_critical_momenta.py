@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_cm import ReferenceCriticalMomenta
-from streams import clone_params, gradient_stream, make_params, set_grads
+from streams import clone_params, gradient_stream, lockstep, make_params, set_grads, step_all
 from test_rule_matrix import EXECUTORS, available, bounded
 
 import hf_memopt
@@ -41,11 +41,7 @@ def run(executor, streams, monkeypatch, memory, base=None, params=None):
     if setup is not None:
         setup(opt)
     ref = ReferenceCriticalMomenta(ref_params, **memory, **base)
-    for grads in streams:
-        set_grads(params, grads)
-        set_grads(ref_params, grads)
-        opt.step()
-        ref.step()
+    for _ in lockstep(streams, (opt, params), (ref, ref_params)):
         if memory["kappa"] > 0:
             assert_same_memory(opt, ref, params)  # the decisions of every step, not only the last
     assert opt.executor_for(0) == ("torch" if memory["kappa"] == 0 else kwargs["executor"])
@@ -228,11 +224,7 @@ def test_low_precision_parameters(dtype, monkeypatch):
     ref_params = clone_params(params)
     opt = hf_memopt.CriticalMomentaAdamW(params, lr=1e-2, **memory, executor="torch")
     ref = ReferenceCriticalMomenta(ref_params, lr=1e-2, **memory)
-    for grads in gradient_stream(8, dtype):
-        set_grads(params, grads)
-        set_grads(ref_params, grads)
-        opt.step()
-        ref.step()
+    step_all(gradient_stream(8, dtype), (opt, params), (ref, ref_params))
     for i, (p, q) in enumerate(zip(params, ref_params)):
         assert p.dtype == dtype and opt.state[p]["memory_sum"].dtype == torch.float32
         assert int(opt.state[p]["memory_count"]) == len(ref.stored(i))
@@ -252,11 +244,7 @@ def test_kappa_zero_is_adamw_with_the_same_flags(flag, base):
     ref_params = clone_params(params)
     opt = hf_memopt.CriticalMomentaAdamW(params, kappa=0.0, **base, **FLAGS[flag])
     ref = torch.optim.AdamW(ref_params, **base, **FLAGS[flag])
-    for grads in gradient_stream(10):
-        set_grads(params, grads)
-        set_grads(ref_params, grads)
-        opt.step()
-        ref.step()
+    step_all(gradient_stream(10), (opt, params), (ref, ref_params))
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=0)
         assert opt.state[p].keys() == ref.state[q].keys()

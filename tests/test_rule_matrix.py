@@ -18,7 +18,7 @@ import zlib
 import pytest
 import torch
 from reference import ReferenceOptimizer
-from streams import clone_params, gradient_stream, make_params, set_grads
+from streams import clone_params, gradient_stream, lockstep, make_params
 
 import hf_memopt
 from hf_memopt.engine import norms
@@ -110,11 +110,7 @@ def run(name, executor, streams, monkeypatch, memory, base=None, params=None, dt
         setup(opt)
     ref = ReferenceOptimizer(name, ref_params, **memory, **base)
     peak = [0.0] * len(params)
-    for grads in streams:
-        set_grads(params, grads)
-        set_grads(ref_params, grads)
-        opt.step()
-        ref.step()
+    for _, grads in lockstep(streams, (opt, params), (ref, ref_params)):
         peak = [max(m, float(g.abs().max())) if g is not None else m for m, g in zip(peak, grads)]
         assert_same_memory(opt, ref, params, peak)  # the decisions of every step, not only the last
     if any(p.grad is not None for p in params):

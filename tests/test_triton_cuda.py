@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from streams import gradient_stream, make_params, set_grads
+from streams import gradient_stream, lockstep, make_params, set_grads
 from test_triton_executor import OPTIMIZERS
 
 import hf_memopt
@@ -40,11 +40,7 @@ def test_it_decides_like_the_torch_executor(name, buffer_dtype):
     params, twin = _cuda(make_params()), _cuda(make_params())
     opt = getattr(hf_memopt, name)(params, executor="triton", **kw)
     ref = getattr(hf_memopt, name)(twin, executor="torch", **kw)
-    for grads in _stream(20):
-        set_grads(params, grads)
-        set_grads(twin, grads)
-        opt.step()
-        ref.step()
+    for _ in lockstep(_stream(20), (opt, params), (ref, twin)):
         for p, q in zip(params, twin):
             a, b = opt.state[p], ref.state[q]
             assert int(a["memory_count"]) == int(b["memory_count"])

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from reference import ReferenceOptimizer
-from streams import clone_params, gradient_stream, make_params, set_grads
+from streams import clone_params, gradient_stream, lockstep, make_params, set_grads, step_all
 from test_rule_matrix import assert_same_memory, assert_same_params
 
 import hf_memopt
@@ -118,11 +118,7 @@ def test_memory_stats_reads_the_device_counters():
     kw = dict(lr=1e-2, topc=2, decay=0.8, key="tensor")
     opt = hf_memopt.MemoryAugmentedAdamW(params, executor="triton", **kw)
     ref = hf_memopt.MemoryAugmentedAdamW(twin, executor="torch", **kw)
-    for t, grads in enumerate(gradient_stream(9)):
-        set_grads(params, grads)
-        set_grads(twin, grads)
-        opt.step()
-        ref.step()
+    for t, _ in lockstep(gradient_stream(9), (opt, params), (ref, twin)):
         if t % 4 == 3:
             assert opt.memory_stats(reset=t != 7) == {**ref.memory_stats(reset=t != 7), "executor": "triton"}
     # reading left the ledgers on the device
@@ -178,11 +174,7 @@ def test_bf16_parameters_and_fp16_memory_equal_the_torch_executor():
     kw = dict(lr=1e-2, topc=2, buffer_dtype="fp16", key="group")
     opt = hf_memopt.MemoryAugmentedAdamW(params, executor="triton", **kw)
     ref = hf_memopt.MemoryAugmentedAdamW(twin, executor="torch", **kw)
-    for grads in gradient_stream(8, torch.bfloat16):
-        set_grads(params, grads)
-        set_grads(twin, grads)
-        opt.step()
-        ref.step()
+    step_all(gradient_stream(8, torch.bfloat16), (opt, params), (ref, twin))
     for p, q in zip(params, twin):
         assert torch.equal(p, q)  # the aggregate is rounded to bf16 as torch rounds it
         for key in ("memory_0", "memory_1", "memory_sum", "memory_count", "priority_0", "priority_1"):
@@ -253,11 +245,7 @@ def test_adam_flags_run_torchs_own_update_on_the_aggregates(name, flags):
     kw = dict(OPTIMIZERS[name], topc=2, decay=0.8, **flags)
     opt = getattr(hf_memopt, name)(params, executor="triton", **kw)
     ref = getattr(hf_memopt, name)(twin, executor="torch", **kw)
-    for grads in gradient_stream(8):
-        set_grads(params, grads)
-        set_grads(twin, grads)
-        opt.step()
-        ref.step()
+    step_all(gradient_stream(8), (opt, params), (ref, twin))
     for p, q in zip(params, twin):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
@@ -386,18 +374,10 @@ def test_a_tensor_lr_is_never_read_on_the_host(name):
     opt = getattr(hf_memopt, name)(params, lr=lr, executor="triton", **kw)
     ref = getattr(hf_memopt, name)(twin, lr=1e-2, executor="torch", **kw)
     stream = list(gradient_stream(6))
-    for grads in stream[:2]:
-        set_grads(params, grads)
-        set_grads(twin, grads)
-        opt.step()
-        ref.step()
+    step_all(stream[:2], (opt, params), (ref, twin))
     with HostReads(_steps(opt)) as reads:
-        for grads in stream[2:]:
-            set_grads(params, grads)
-            opt.step()
-    for grads in stream[2:]:
-        set_grads(twin, grads)
-        ref.step()
+        step_all(stream[2:], (opt, params))
+    step_all(stream[2:], (ref, twin))
     assert opt.param_groups[0]["lr"] is lr and id(lr) not in reads.read_ids
     for p, q in zip(params, twin):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
