@@ -158,3 +158,23 @@ def test_run_clm_with_lora_under_accelerate_ddp(clm_ddp: tuple[Path, str]) -> No
     metrics = json.loads((out / "eval_results.json").read_text())
     assert metrics["eval_samples"] == 8
     assert metrics["perplexity"] == pytest.approx(2.718281828459045 ** metrics["eval_loss"], rel=1e-9)
+
+
+def test_shutdown_process_group_destroys_the_group_and_is_idempotent():
+    """What the examples call last: the default group is gone afterwards (so accelerate's own end_training
+    has nothing left to destroy), and a second call, or one without a group, does nothing."""
+    import torch.distributed as dist
+
+    from hf_memopt.distributed import shutdown_process_group
+
+    assert not dist.is_initialized()
+    shutdown_process_group()  # no group: nothing to do
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert dist.get_backend() == "gloo"
+        shutdown_process_group()
+        assert not dist.is_initialized()
+        shutdown_process_group()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 from accelerate import Accelerator
@@ -18,6 +17,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from hf_memopt import MemoryAugmentedAdamW
 from hf_memopt.distributed import deepspeed as memopt_deepspeed
+from hf_memopt.distributed import shutdown_process_group
 
 
 def main() -> None:
@@ -61,15 +61,9 @@ def main() -> None:
     if not torch.isfinite(loss):
         raise SystemExit("loss is not finite")
     accelerator.wait_for_everyone()
-    gloo = torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+    # before end_training, which would destroy the group without the pause gloo needs (see its docstring)
+    shutdown_process_group()
     accelerator.end_training()
-    if gloo:
-        # torch 2.13 with gloo: DDP's gradient all-reduces capture the backward's Python context, and a
-        # gloo worker thread drops them after the collective, which takes the GIL. If the interpreter is
-        # already shutting down by then, that thread aborts the process ("terminate called without an
-        # active exception"; destroy_process_group does not join those threads). Releasing the GIL a
-        # moment lets them finish: 3 aborts in 43 launches without this, none in 100 with it.
-        time.sleep(0.2)
 
 
 if __name__ == "__main__":

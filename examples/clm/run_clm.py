@@ -52,6 +52,7 @@ from hf_memopt.data import (
     scripts,
     smollm2_model_dir,
 )
+from hf_memopt.distributed import shutdown_process_group
 from hf_memopt.trainer import MemOptTrainer
 
 logger = logging.getLogger(__name__)
@@ -355,3 +356,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 if __name__ == "__main__":
     main()
+    shutdown_process_group()  # under `accelerate launch`: Trainer leaves the process group up

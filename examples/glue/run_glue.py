@@ -52,6 +52,7 @@ from hf_memopt.data import (
     resolve,
     scripts,
 )
+from hf_memopt.distributed import shutdown_process_group
 from hf_memopt.trainer import MemOptTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -394,3 +395,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 if __name__ == "__main__":
     main()
+    shutdown_process_group()  # under `accelerate launch`: Trainer leaves the process group up

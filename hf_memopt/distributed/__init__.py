@@ -24,6 +24,7 @@ from typing import Any
 from .auto import auto_reducer
 from .consistency import RankDivergenceError
 from .reducer import Layout, ShardedNormReducer, TensorMap
+from .shutdown import shutdown_process_group
 
 __all__ = [
     "Layout",
@@ -32,6 +33,7 @@ __all__ = [
     "TensorMap",
     "auto_reducer",
     "check_rank_consistency",
+    "shutdown_process_group",
 ]
 
 
