@@ -31,3 +31,18 @@ def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
         return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(xdg) / "hf_memopt"
+
+
+#: Comma-separated executors ("cpu", "triton") that must be available: under it a kernel that fails to
+#: build or import is an error instead of a quiet fall-back to "torch" (CI sets it, so a broken kernel
+#: cannot turn into a green run with fewer tests).
+REQUIRE_EXECUTORS_ENV = "HF_MEMOPT_REQUIRE_EXECUTORS"
+
+
+def required_executors() -> frozenset[str]:
+    """The executors named in ``$HF_MEMOPT_REQUIRE_EXECUTORS`` (empty when unset); an unknown name is an error."""
+    names = frozenset(n.strip().lower() for n in os.environ.get(REQUIRE_EXECUTORS_ENV, "").split(",") if n.strip())
+    unknown = names - {"cpu", "triton"}
+    if unknown:
+        raise ValueError(f"{REQUIRE_EXECUTORS_ENV} names {sorted(unknown)}; allowed: 'cpu', 'triton' (comma-separated)")
+    return names
