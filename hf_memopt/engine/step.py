@@ -2,13 +2,18 @@
 
 The order, per SPEC section 1 and section 2's performance contract:
 
+0. every memory group's state is checked against what executors may have cached
+   (:func:`.guard.state_view`): a state that no longer fits its parameters raises here, before
+   anything is written;
 1. every group's executor is picked (:func:`.executors.select_executor`); executors prepare their
    memory groups (Critical Momenta: the momentum is advanced first, because it is what is stored,
    and SPEC 1.3's castability test must see it);
 2. groups whose executor decides on the host get their plans together: one batched norm pass,
    one optional all-reduce (sharded runs) and one device-to-host transfer for all of them;
-3. each executor runs its groups (aggregate, admit, base update; the whole-step kernel also decides);
-4. the host plans are committed to the ledgers (admissions recorded, priorities decayed).
+3. each executor runs its groups: aggregate, admit, commit the decisions to the ledgers (admissions
+   recorded, priorities decayed), then the base update. The commit comes before the base update so
+   that a base update that raises (out of memory, an interrupt caught by the caller) leaves slots,
+   S and ledger agreeing (the whole-step kernel decides and commits in its one call).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 from ..config import MemoryConfig
 from .executors import select_executor
+from .guard import StateView, state_view
 from .plan import HostPlan, plan_groups
 
 Lists = dict[str, list[Any]]
@@ -39,10 +45,15 @@ class Work:
     #: (Critical Momenta: the momenta, already advanced by the executor's ``prepare``); the plan's
     #: castability test (SPEC 1.3) reads them
     admit: list[Any] | None = None
+    #: the group's state as validated this step (memory groups with a gradient; see :mod:`.guard`)
+    view: StateView | None = None
 
 
 def run_step(opt: Any, works: list[Work], requested: str) -> None:
-    """Steps 2-4 of the module docstring over ``works`` (every param group of the optimizer)."""
+    """Steps 0-3 of the module docstring over ``works`` (every param group of the optimizer)."""
+    for w in works:
+        if w.cfg.kappa > 0.0 and w.lists["params"]:
+            w.view = state_view(opt, w)
     for w in works:
         w.executor = select_executor(requested, opt, w)
         opt._ran[w.index] = w.executor.name
@@ -53,10 +64,6 @@ def run_step(opt: Any, works: list[Work], requested: str) -> None:
     plan_groups(opt, host, opt.norm_reducer, memory)
     for executor, group_works in _by_executor(works):
         executor.run(opt, group_works)
-    for w in host:
-        if w.plan is not None:
-            w.plan.commit(w.cfg)
-            opt._stats.record(w.plan.d.mode)
 
 
 def _by_executor(works: list[Work]) -> list[tuple[Any, list[Work]]]:

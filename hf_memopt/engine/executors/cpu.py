@@ -29,8 +29,10 @@ from torch import Tensor
 
 from .. import rule
 from .. import state as st
+from ..guard import where
 from . import cpu_kernel
 from .cpu_kernel import AGGREGATION_CODES, COLUMNS
+from .torch import commit
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 
@@ -72,7 +74,10 @@ class CpuExecutor:
             return (
                 f"the CPU kernel could not be built (a C compiler is needed; {cpu_kernel.KERNELS_ENV}=0 turns it off)"
             )
-        return None
+        # the state too ("auto" must not pick an executor that then refuses the group); judged once per view
+        if "cpu" not in work.view.verdicts:
+            work.view.verdicts["cpu"] = _state_reason(opt, work)
+        return work.view.verdicts["cpu"]
 
     def prepare(self, opt: Any, works: Sequence[Any]) -> None:
         """Before host decisions, Critical Momenta advances its momenta with torch ops (step, decoupled
@@ -98,6 +103,34 @@ class CpuExecutor:
             _run_planned(opt, planned)
 
 
+def _state_reason(opt: Any, work: Any) -> str | None:
+    """Why the kernel cannot run ``work``'s state (None: it can): Adam's moments and S contiguous fp32 CPU
+    tensors, the slots contiguous in the buffer dtype, the step counters fp32 CPU scalars."""
+    cfg = work.cfg
+    args = work.update.kernel_args(work.group, work.lists)
+    slot_dtype = torch.bfloat16 if cfg.buffer_dtype == torch.bfloat16 else torch.float32
+    for j, p in enumerate(work.lists["params"]):
+        state = opt.state[p]
+        tensors = {"exp_avg": args.exp_avgs[j], "exp_avg_sq": args.exp_avg_sqs[j], "memory_sum": state["memory_sum"]}
+        if args.amsgrad:
+            tensors["max_exp_avg_sq"] = args.max_exp_avg_sqs[j]
+        bad = [k for k, t in tensors.items() if not _fp32_cpu(t)]
+        bad += [k for k in st.slot_keys(cfg.topc) if not _dense(st.local_tensor(state[k]), slot_dtype)]
+        step = args.steps[j]
+        if not (step.dtype == torch.float32 and step.is_cpu and step.dim() == 0):
+            bad.append("step")
+        if bad:
+            return (
+                f"the optimizer state of parameter {j} ({', '.join(bad)}) is not contiguous {slot_dtype} on the "
+                "CPU as the kernel reads it (e.g. channels_last state, or state moved to another dtype or device)"
+            )
+    return None
+
+
+def _dense(t: Tensor, dtype: torch.dtype) -> bool:
+    return t.dtype == dtype and t.is_cpu and t.is_contiguous()
+
+
 # -- whole step in C ----------------------------------------------------------------------------
 
 
@@ -105,16 +138,11 @@ def _fused_table(opt: Any, work: Any) -> _FusedTable:
     """The group's cached kernel columns with this step's addresses."""
     args = work.update.kernel_args(work.group, work.lists)
     table = opt._executor_cache.get(("cpu", work.index))
-    if table is None or not table.still_valid(opt, work, args):
+    if table is None or not table.still_valid(opt, work):
         table = _FusedTable(opt, work, args)
         opt._executor_cache[("cpu", work.index)] = table
-    # Gradients are new tensors every step (zero_grad(set_to_none=True)) and a parameter's storage can
-    # be swapped (``p.data = ...``): their addresses are read every step.
-    params = work.lists["params"]
-    param_ptrs = [(p if type(p) in _PLAIN else st.local_tensor(p)).data_ptr() for p in params]
-    if param_ptrs != table.param_ptrs:
-        table = _FusedTable(opt, work, args)
-        opt._executor_cache[("cpu", work.index)] = table
+    # Gradients are new tensors every step (zero_grad(set_to_none=True)): their addresses are read every
+    # step. Everything else the table holds is the view's (see hf_memopt.engine.guard).
     if args.momentum:
         table.check_momenta(args.exp_avgs)
     table.q[:, COLUMNS.fused_ptrs.GRAD] = [
@@ -150,7 +178,9 @@ def _run_whole_step(opt: Any, tables: list[_FusedTable]) -> None:
             ints[row : row + n, j.GROUP] = np.where(ints[row : row + n, j.GROUP] >= 0, gi, -1)
             row += n
             slot_off += len(t.slot_ptrs)
-    out = cpu_kernel.adam_fused(q, ints, floats, numels, slot_ptrs, torch.get_num_threads())
+    for t in tables:
+        t.check_counts()
+    out = cpu_kernel.adam_fused(q, ints, floats, numels, slot_ptrs, cpu_kernel.kernel_threads())
     row = 0
     for t in tables:
         n = len(t.numels)
@@ -169,26 +199,19 @@ def _refresh_sum(s: Tensor, slots: list[Tensor], count: int) -> None:
         s.add_(slots[i])
 
 
-def _same(a: list[Any], b: list[Any]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
 class _FusedTable:
     """Kernel columns of one param group for ``memopt_adam_fused``, kept between steps.
 
-    Valid while the group holds the same tensors with a gradient, the same state tensors (torch's
-    lists from ``_init_group`` are compared by identity) and the same ledgers (a load replaces them and
-    bumps the optimizer's layout version); the gradient and parameter addresses are read every step.
+    Valid while the group's state view is the one it was built from (the same tensors, storages, sizes
+    and group flags: :mod:`hf_memopt.engine.guard`) and the same ledgers (a load replaces them and bumps
+    the optimizer's layout version); the gradient addresses are read every step.
     """
 
     def __init__(self, opt: Any, work: Any, args: Any) -> None:
         cfg = work.cfg
-        self.group, self.cfg, self.amsgrad = work.group, cfg, args.amsgrad
+        self.view, self.group = work.view, work.group
         self.version, self.state_obj = opt._layout_version, opt.state
         self.params = list(work.lists["params"])
-        self.lists = [list(args.exp_avgs), list(args.exp_avg_sqs), list(args.steps)]
-        if args.amsgrad:
-            self.lists.append(list(args.max_exp_avg_sqs))
         self.topc = cfg.topc
         self.states = [opt.state[p] for p in self.params]
         n = len(self.params)
@@ -205,9 +228,7 @@ class _FusedTable:
         self.ledgers: list[st.Ledger] = []
         self.anchors: list[Tensor] = []
         self.keep_alive: list[Tensor] = []  # the kernel holds raw addresses of these
-        self.param_ptrs: list[int] = []
         bf16 = cfg.buffer_dtype == torch.bfloat16
-        slot_dtype = torch.bfloat16 if bf16 else torch.float32
         for j, (p, state) in enumerate(zip(self.params, self.states)):
             lp = st.local_tensor(p)
             moments = [st.local_tensor(args.exp_avgs[j]), st.local_tensor(args.exp_avg_sqs[j])]
@@ -216,20 +237,12 @@ class _FusedTable:
             slots = [st.local_tensor(state[k]) for k in st.slot_keys(cfg.topc)]
             step = args.steps[j]
             tensors = [lp, *moments, s, *([vmax] if vmax is not None else [])]
-            if (
-                not all(_fp32_cpu(x) for x in tensors)
-                or not all(x.dtype == slot_dtype and x.is_contiguous() for x in slots)
-                or not (step.dtype == torch.float32 and step.device.type == "cpu" and step.dim() == 0)
-            ):
-                raise ValueError(
-                    "executor='cpu': the optimizer state of a parameter is not contiguous fp32 on the CPU "
-                    "(or its slots are not of the buffer dtype); use executor='torch'"
-                )
+            # unavailable() judged this state (contiguous fp32, slots of the buffer dtype) and the guard
+            # checked every size against the parameter's: what follows reads inside those buffers
             led = st.ledger_of(state, cfg.topc, opt._ledgers)
             self.ledgers.append(led)
             self.anchors.append(state["priority_0"])
             self.keep_alive += [*tensors, *slots, step]
-            self.param_ptrs.append(lp.data_ptr())
             row = self.q[j]
             row[P.PARAM], row[P.EXP_AVG], row[P.EXP_AVG_SQ] = lp.data_ptr(), *(m.data_ptr() for m in moments)
             row[P.MAX_EXP_AVG_SQ] = vmax.data_ptr() if vmax is not None else 0
@@ -248,6 +261,18 @@ class _FusedTable:
         self.floats[:, H.KAPPA] = cfg.kappa
         self.floats[:, H.DECAY] = cfg.decay
 
+    def check_counts(self) -> None:
+        """Every ``memory_count`` in [0, topc]: the kernel indexes slots by it, and the scalars are the user's
+        to edit in place (a few reads per tensor, before the kernel writes anything)."""
+        counts = np.fromiter((led.count[0] for led in self.ledgers), dtype=np.int64, count=len(self.ledgers))
+        bad = np.flatnonzero((counts < 0) | (counts > self.topc))
+        if len(bad):
+            j = int(bad[0])
+            raise ValueError(
+                f"{where(self.view.index, self.group, self.params[j])}: its memory_count of {counts[j]} is outside "
+                f"[0, topc={self.topc}] (the state was edited by hand); nothing was written"
+            )
+
     def check_momenta(self, exp_avgs: list[Tensor]) -> None:
         """Forget the bounds on |m| if anything but the kernel wrote a momentum since the last step (a torch op
         bumps the tensor's version counter: e.g. a step taken by the "torch" executor in between)."""
@@ -256,16 +281,13 @@ class _FusedTable:
             self.m_bound[:] = np.inf
             self.m_versions = versions
 
-    def still_valid(self, opt: Any, work: Any, args: Any) -> bool:
-        lists = [args.exp_avgs, args.exp_avg_sqs, args.steps] + ([args.max_exp_avg_sqs] if args.amsgrad else [])
+    def still_valid(self, opt: Any, work: Any) -> bool:
+        """Whether the table still describes the state: the same view (tensors, storages, sizes, flags) and
+        ledgers (a load, or another executor's step, rebinds the scalars to new tables)."""
         return (
-            self.group is work.group
+            self.view is work.view
             and self.version == opt._layout_version
             and self.state_obj is opt.state
-            and self.cfg == work.cfg
-            and self.amsgrad == args.amsgrad
-            and _same(self.params, work.lists["params"])
-            and all(_same(a, b) for a, b in zip(self.lists, lists))
             and all(s["priority_0"] is a for s, a in zip(self.states, self.anchors))
         )
 
@@ -329,8 +351,10 @@ def _run_planned(opt: Any, works: Sequence[Any]) -> None:
         np.concatenate(ints),
         np.concatenate(floats),
         np.array(numels),
-        torch.get_num_threads(),
+        cpu_kernel.kernel_threads(),
     )
+    for w in works:  # the kernel's one pass did admission and update together
+        commit(opt, w)
     for state, start, numel, count, topc in refresh:
         whole = start < 0
         slots = [st.unit_view(state[k], start, numel, whole) for k in st.slot_keys(topc)]

@@ -10,8 +10,8 @@ tensors here), however many tensors there are:
 * admit: ``S -= evicted``, ``slot <- g`` (cast to the buffer dtype), ``S += slot``;
 * refresh (every 128 steps of a unit's clock): ``S`` rebuilt from its slots, one add per slot index.
 
-Then the base optimizer's own update (torch's fused, foreach or for-loop kernel, as the group asks)
-runs on the aggregates. Critical Momenta (SPEC 1b; its update strategy has ``stores_momentum``) runs
+The decisions are then committed to the ledgers, and the base optimizer's own update (torch's fused,
+foreach or for-loop kernel, as the group asks) runs on the aggregates. Critical Momenta (SPEC 1b; its update strategy has ``stores_momentum``) runs
 the same memory ops on the momenta instead of the gradients: :meth:`TorchExecutor.prepare` advances
 m before the decisions (so the castability test reads the m that is stored), the aggregate is
 ``m~ = m + (kappa / n) S``, m is admitted, and the strategy's ``finish`` updates v and p from m~,
@@ -57,6 +57,8 @@ class TorchExecutor:
         """Aggregate, admit and update every work (its ``plan`` holds the decisions; None: no memory)."""
         memory = [w for w in works if w.plan is not None]
         aggregates = _memory_step(opt, memory) if memory else {}
+        for w in memory:  # before the base update: one that raises leaves slots, S and ledger agreeing
+            commit(opt, w)
         for w in works:
             if id(w) in aggregates and w.update.stores_momentum:
                 w.update.finish(w.group, w.lists, aggregates[id(w)])  # v and p from m~ (SPEC 1b.5)
@@ -177,6 +179,12 @@ def _memory_step(opt: Any, works: Sequence[Any]) -> dict[int, list[Tensor]]:
             pairs = [(s, slots[index]) for s, slots in refresh if len(slots) > index]
             torch._foreach_add_([s for s, _ in pairs], [v for _, v in pairs])
     return out
+
+
+def commit(opt: Any, w: Any) -> None:
+    """Commit ``w``'s host decisions to its ledgers (admissions recorded, priorities decayed) and count them."""
+    w.plan.commit(w.cfg)
+    opt._stats.record(w.plan.d.mode)
 
 
 def _add_scaled(a: list[Tensor], batch: _Batch) -> None:

@@ -47,7 +47,7 @@ from torch import Tensor
 from .. import rule
 from .. import state as st
 from .torch import _like
-from .triton_layout import DeviceLedger, Layout, build_layout, cast_limit, group_ledger, to_device
+from .triton_layout import DeviceLedger, Layout, build_layout, cast_limit, group_ledger, state_reason, to_device
 from .triton_runtime import INTERPRET_ENV, kernels, runs_on, tl_dtype, triton_unavailable
 
 logger = logging.getLogger("hf_memopt")
@@ -88,7 +88,10 @@ class TritonExecutor:
         values = [*work.lists["grads"], *work.lists.get(work.update.memory_source, [])]
         if not all(st.local_tensor(v).is_contiguous() for v in values):
             return "a gradient (or momentum) is not contiguous"
-        return None
+        # the state too ("auto" must not pick an executor that then refuses the group); judged once per view
+        if work.view is not None and "triton" not in work.view.verdicts:
+            work.view.verdicts["triton"] = state_reason(opt, work)
+        return None if work.view is None else work.view.verdicts["triton"]
 
     def prepare(self, opt: Any, works: Sequence[Any]) -> None:
         """Critical Momenta advances its momenta first (SPEC 1b.2): what is stored and tested is that m."""
@@ -149,6 +152,7 @@ class TritonExecutor:
                 X_DT=tl_dtype(c.x_dtype),
                 SAME=lay.same_x,
                 BLOCK=k.BLOCK,
+                enable_fp_fusion=True,  # Triton's default up to 3.9 (3.10 turns it off): FMAs, as in apply
             )
         k.unit_sums[(len(lay.units),)](
             lay.part_sq,
@@ -249,7 +253,8 @@ class TritonExecutor:
                 DECOUPLED=bool(scalars and scalars["wd"] != 0 and group.get("decoupled_weight_decay")),
                 AMSGRAD=bool(scalars and group["amsgrad"]),
                 MAXIMIZE=bool(scalars and group["maximize"]),
-                BLOCK=k.BLOCK,
+                BLOCK=k.BLOCK if scalars is None else k.ADAM_BLOCK,
+                enable_fp_fusion=True,  # multiply-adds contracted into FMAs (see triton_kernels.apply)
             )
 
     def _reduce(self, lay: Layout, reducer: st.NormReducer) -> Tensor:
@@ -290,7 +295,7 @@ class TritonExecutor:
         if lay is not None:
             for w in works:  # the ledgers first: a rebound one makes the layout stale
                 group_ledger(opt, w.index, w.group, w.cfg.topc, lay.device)
-        if lay is None or not lay.valid(opt):
+        if lay is None or not lay.valid(opt, works):
             lay = build_layout(opt, works, reducer)
             opt._executor_cache[key] = lay
         return lay

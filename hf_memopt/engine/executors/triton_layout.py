@@ -117,15 +117,43 @@ class Layout:
     reducer_pos: Tensor | None = None
     unit_limit: Tensor | None = None
     pointers: dict[str, tuple[bytes, Tensor]] = field(default_factory=dict)
+    views: list[Any] = field(default_factory=list)  # each work's state view the tables were built from
 
-    def valid(self, opt: Any) -> bool:
-        """Whether the states still point at what the tables were built from (a load or another executor
-        rebinds them; a new parameter's first memory rebuilds its group's ledger)."""
+    def valid(self, opt: Any, works: Sequence[Any]) -> bool:
+        """Whether the tables still describe the states: the same views (tensors, storages, sizes and group
+        flags: :mod:`hf_memopt.engine.guard`) and ledgers (a load or another executor rebinds them; a new
+        parameter's first memory rebuilds its group's ledger)."""
+        if len(works) != len(self.views) or any(w.view is not v for w, v in zip(works, self.views)):
+            return False
         for g in self.groups:
             cached = opt._executor_cache.get(("triton-ledger", g.index))
             if cached is None or cached[0] is not g.ledger:
                 return False
         return all(s.get("priority_0") is pri and s.get("memory_sum") is ms for s, pri, ms in self.anchors)
+
+
+def state_reason(opt: Any, w: Any) -> str | None:
+    """Why the kernels cannot run ``w``'s state through raw addresses (None: they can): every state tensor
+    they read contiguous on the parameters' device, S fp32, the slots of one Triton dtype."""
+    device = st.local_tensor(w.lists["params"][0]).device
+    for j, p in enumerate(w.lists["params"]):
+        state = opt.state[p]
+        slots = [st.local_tensor(state[k]) for k in st.slot_keys(w.cfg.topc)]
+        s = st.local_tensor(state["memory_sum"])
+        bad = [k for k, t in zip(st.slot_keys(w.cfg.topc), slots) if t.dtype != slots[0].dtype]
+        bad += [k for k, t in [*zip(st.slot_keys(w.cfg.topc), slots), ("memory_sum", s)] if not t.is_contiguous()]
+        if slots[0].dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            bad.append("memory_0")
+        if s.dtype != torch.float32:
+            bad.append("memory_sum")
+        if any(t.device != device for t in [*slots, s]):
+            bad.append("device")
+        if bad:
+            return (
+                f"the memory of parameter {j} ({', '.join(sorted(set(bad)))}) is not laid out as the kernels read it "
+                "(contiguous slots of one float dtype and an fp32 S on the parameters' device)"
+            )
+    return None
 
 
 def adam_eligible(opt: Any, w: Any) -> bool:
@@ -145,6 +173,9 @@ def adam_eligible(opt: Any, w: Any) -> bool:
     tensors = [*w.lists["params"], *w.lists["grads"]]
     if any(st.local_tensor(t).dtype != torch.float32 for t in tensors):
         return False
+    state = [t for i in range(len(w.lists["params"])) for t in _adam_tensors(w, i)]
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in state):
+        return False  # e.g. channels_last moments: torch's own update runs on the aggregates
     return all(s.device.type == "cpu" for s in w.lists["state_steps"])
 
 
@@ -345,6 +376,7 @@ def build_layout(opt: Any, works: Sequence[Any], reducer: Any) -> Layout:
             "count": torch.empty(n, dtype=torch.int64, device=device),
         },
         same_x=all(w.update.memory_source == "grads" for w in works),
+        views=[w.view for w in works],
     )
     if reducer is not None:
         _reducer_layout(opt, works, lay)
