@@ -10,9 +10,12 @@ tensors into ``optimizer.state[p]``, load a checkpoint of another model, edit gr
 :func:`state_view` is the one place that sees it. Once per step and param group, before anything is
 written, it gathers the tensors whose addresses an executor may keep (the parameters with a gradient,
 the base optimizer's state lists, the memory's slots and running sum), and compares them with the
-view it returned last time: the same objects, the same data pointers, the same byte sizes, the same
-group flags (everything in the group but the parameters and the scalars executors read afresh each
-step). That costs a few Python attribute reads per tensor. When anything differs, the new view is
+view it returned last time: the same objects, the same data pointers, the parameters' byte sizes, the
+same group flags (everything in the group but the parameters and the scalars executors read afresh
+each step). That costs a dict lookup, an identity test and a pointer read per tensor (on CUDA builds
+the pointers are compared in one C++ call); a state tensor narrowed in place to a view of its own
+storage (``t.data = t.data[:n]``) keeps its pointer and is not seen, but the kernels then still write
+inside that live storage. When anything differs, the new view is
 validated (:func:`check_state`: every state tensor shaped like its parameter, on its device), which
 raises the error torch's optimizer raises, naming the parameter and the key, before anything is
 written; executors then rebuild what they cached, because their tables remember the view they were
@@ -23,8 +26,9 @@ The gradients are new tensors every step: their shapes are compared with the par
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from operator import is_
+from operator import is_, itemgetter
 from typing import Any
 
 import torch
@@ -67,26 +71,53 @@ class StateView:
     index: int  # the param group's index
     params: list[Tensor]
     tensors: list[Tensor]  # params, then base state, then memory tensors: the objects, for identity
-    ptrs: list[int]
-    sizes: list[int]
+    ptrs: list[int]  # their data pointers (local parts)
+    param_sizes: list[int]  # the parameters' byte sizes (``p.data = p.data[:n]`` keeps the pointer)
     flags: tuple[Any, ...]
     #: each executor's verdict on this state (None: it can run it), cached with the view
     verdicts: dict[str, str | None] = field(default_factory=dict)
 
-    def same(self, view_tensors: list[Tensor], ptrs: list[int], sizes: list[int], flags: tuple[Any, ...]) -> bool:
-        return (
-            len(view_tensors) == len(self.tensors)
-            and all(map(is_, view_tensors, self.tensors))
-            and ptrs == self.ptrs
-            and sizes == self.sizes
-            and flags == self.flags
-        )
+    def holds(self, tensors: list[Tensor], flags: tuple[Any, ...]) -> bool:
+        """Whether ``tensors`` (gathered this step) are the view's: the same objects on the same storages."""
+        if len(tensors) != len(self.tensors) or flags != self.flags or not all(map(is_, tensors, self.tensors)):
+            return False
+        if [local(p).nbytes for p in self.params] != self.param_sizes:
+            return False
+        if not self.plain:
+            return _ptrs(tensors) == self.ptrs
+        if _PTRS_EQUAL is not None:
+            return _PTRS_EQUAL(tensors, self.ptrs, self.indices)
+        return list(map(Tensor.data_ptr, tensors)) == self.ptrs
+
+    @functools.cached_property
+    def plain(self) -> bool:
+        """No DTensor among them (whose pointers are their local parts')."""
+        return all(type(t) in _PLAIN for t in self.tensors)
+
+    @functools.cached_property
+    def indices(self) -> list[int]:
+        return list(range(len(self.tensors)))
+
+
+#: torch's C++ check that tensors still have given data pointers (CUDA builds; what CUDA-graph trees use):
+#: thousands of tensors in microseconds. Elsewhere the pointers are read one by one (about 0.1 us each).
+_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+
+
+def _ptrs(tensors: list[Tensor]) -> list[int]:
+    return [local(t).data_ptr() for t in tensors]
 
 
 def _state_lists(work: Any) -> list[list[Any]]:
     """The base optimizer's per-parameter state lists of ``work`` (aligned with its params)."""
     n = len(work.lists["params"])
     return [v for k, v in work.lists.items() if k not in ("params", "grads") and len(v) == n]
+
+
+@functools.cache
+def _memory_getter(topc: int) -> Any:
+    """``state -> (memory_0, ..., memory_{topc-1}, memory_sum)`` in one call."""
+    return itemgetter(*st.slot_keys(topc), "memory_sum")
 
 
 def _memory_keys(work: Any) -> list[str]:
@@ -98,12 +129,13 @@ def _gather(opt: Any, work: Any) -> list[Tensor]:
     out: list[Tensor] = list(params)
     for lst in _state_lists(work):
         out += [t for t in lst if t is not None]
-    keys = _memory_keys(work)
-    if keys:
-        state = opt.state
-        for p in params:
-            s = state[p]
-            out += [s[k] for k in keys]
+    if work.cfg.kappa > 0.0:
+        get, state = _memory_getter(work.cfg.topc), opt.state
+        try:
+            for p in params:
+                out += get(state[p])
+        except KeyError:
+            pass  # a memory key missing: check_state names it
     return out
 
 
@@ -113,19 +145,13 @@ def state_view(opt: Any, work: Any) -> StateView:
     check_grads(work)
     key = ("state-view", work.index)
     tensors = _gather(opt, work)
-    if all(type(t) in _PLAIN for t in tensors):
-        ptrs = list(map(Tensor.data_ptr, tensors))
-        sizes = [t.nbytes for t in tensors]
-    else:
-        locals_ = [local(t) for t in tensors]
-        ptrs = [t.data_ptr() for t in locals_]
-        sizes = [t.nbytes for t in locals_]
     flags = group_flags(work.group)
     cached = opt._executor_cache.get(key)
-    if cached is not None and cached.same(tensors, ptrs, sizes, flags):
+    if cached is not None and cached.holds(tensors, flags):
         return cached
     check_state(opt, work)
-    view = StateView(work.index, list(work.lists["params"]), tensors, ptrs, sizes, flags)
+    params = list(work.lists["params"])
+    view = StateView(work.index, params, tensors, _ptrs(tensors), [local(p).nbytes for p in params], flags)
     opt._executor_cache[key] = view
     return view
 

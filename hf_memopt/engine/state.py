@@ -117,7 +117,7 @@ def ledger_of(state: dict[str, Any], topc: int, cache: dict[int, Ledger]) -> Led
     """The numpy ledger of a parameter's state, rebuilt when the state tensors were replaced (a load)."""
     anchor = state["priority_0"]
     led = cache.get(id(anchor))
-    if led is not None and led.anchor is anchor:
+    if led is not None and bound(led, anchor):
         return led
     units = 1 if anchor.dim() == 0 else anchor.shape[0]
     # Gather (copy) whatever the state holds into fresh tables, then make the state views of them.
@@ -130,6 +130,13 @@ def ledger_of(state: dict[str, Any], topc: int, cache: dict[int, Ledger]) -> Led
     cache.pop(id(anchor), None)
     cache[id(led.anchor)] = led
     return led
+
+
+def bound(led: Ledger, anchor: Tensor) -> bool:
+    """Whether the state's ``priority_0`` is still the view of ``led``'s table it was bound as: the same
+    object, on the same memory (``optimizer_to(device)`` helpers give every state tensor new storage with
+    ``.data = ...``; the ledger is then gathered again from what the state holds)."""
+    return led.anchor is anchor and anchor.data_ptr() == led.priorities.ctypes.data
 
 
 def gather(rows: Sequence[tuple[Ledger, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

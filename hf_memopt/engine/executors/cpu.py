@@ -227,6 +227,7 @@ class _FusedTable:
         self.slot_ptrs = np.zeros(n * cfg.topc, dtype=np.int64)
         self.ledgers: list[st.Ledger] = []
         self.anchors: list[Tensor] = []
+        self.anchor_ptrs: list[int] = []  # where the ledgers' tables are (see state.bound)
         self.keep_alive: list[Tensor] = []  # the kernel holds raw addresses of these
         bf16 = cfg.buffer_dtype == torch.bfloat16
         for j, (p, state) in enumerate(zip(self.params, self.states)):
@@ -242,6 +243,7 @@ class _FusedTable:
             led = st.ledger_of(state, cfg.topc, opt._ledgers)
             self.ledgers.append(led)
             self.anchors.append(state["priority_0"])
+            self.anchor_ptrs.append(led.priorities.ctypes.data)
             self.keep_alive += [*tensors, *slots, step]
             row = self.q[j]
             row[P.PARAM], row[P.EXP_AVG], row[P.EXP_AVG_SQ] = lp.data_ptr(), *(m.data_ptr() for m in moments)
@@ -289,6 +291,7 @@ class _FusedTable:
             and self.version == opt._layout_version
             and self.state_obj is opt.state
             and all(s["priority_0"] is a for s, a in zip(self.states, self.anchors))
+            and list(map(Tensor.data_ptr, self.anchors)) == self.anchor_ptrs
         )
 
 

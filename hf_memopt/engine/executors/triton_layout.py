@@ -202,13 +202,15 @@ def group_ledger(opt: Any, index: int, group: dict[str, Any], topc: int, device:
     key = ("triton-ledger", index)
     cached = opt._executor_cache.get(key)
     if cached is not None:
-        ledger, bound = cached
+        ledger, bound, ptrs = cached
         current = [opt.state[p]["priority_0"] for p in group["params"] if "memory_sum" in opt.state.get(p, {})]
+        # the same objects on the same memory (an ``optimizer_to(device)`` helper moves them with ``.data =``)
         if len(current) == len(bound) and all(a is b for a, b in zip(current, bound)):
-            return ledger
+            if list(map(Tensor.data_ptr, current)) == ptrs:
+                return ledger
     ledger = _bind_group_ledger(opt, group, topc, device)
     bound = [opt.state[p]["priority_0"] for p in group["params"] if "memory_sum" in opt.state.get(p, {})]
-    opt._executor_cache[key] = (ledger, bound)
+    opt._executor_cache[key] = (ledger, bound, [t.data_ptr() for t in bound])
     return ledger
 
 
