@@ -75,6 +75,8 @@ class CpuExecutor:
                 f"the CPU kernel could not be built (a C compiler is needed; {cpu_kernel.KERNELS_ENV}=0 turns it off)"
             )
         # the state too ("auto" must not pick an executor that then refuses the group); judged once per view
+        if work.view is None:
+            return None  # no parameter has a gradient: nothing to run
         if "cpu" not in work.view.verdicts:
             work.view.verdicts["cpu"] = _state_reason(opt, work)
         return work.view.verdicts["cpu"]
