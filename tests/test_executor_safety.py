@@ -374,3 +374,38 @@ def test_a_base_update_that_raises_leaves_the_memory_consistent(executor, optimi
             expected += state[f"memory_{i}"].float()
         # a running sum (S - evicted + stored): equal to the slots' sum up to its rounding, until the refresh
         torch.testing.assert_close(state["memory_sum"], expected, rtol=1e-5, atol=1e-5)
+
+
+# -- CUDA graph capture (the "triton" executor; capture simulated: these machines have no GPU) --------
+
+
+@needs("triton")
+def test_new_gradient_addresses_during_a_capture_are_an_error_not_a_stale_table(monkeypatch):
+    from hf_memopt.engine.executors import triton as triton_executor
+
+    params = make_params()
+    opt = _opt(params, "triton")
+    grads = _stream(6)
+    set_grads(params, grads[0])
+    for g in grads[1:3]:  # eager steps with gradients kept in place: every table is built
+        opt.step()
+        for p, new in zip(params, g):
+            p.grad.copy_(new)
+    monkeypatch.setattr(triton_executor, "_capturing", lambda device: True)
+    opt.step()  # captured: same addresses, nothing to build
+    set_grads(params, grads[4])  # new gradient tensors: a replay would read the old addresses
+    with pytest.raises(RuntimeError, match=r"during CUDA graph capture: the gradients' addresses changed"):
+        opt.step()
+
+
+@pytest.mark.parametrize("executor", ["torch", pytest.param("triton", marks=needs("triton"))])
+def test_the_step_that_allocates_the_memory_reads_no_device_counter(executor, monkeypatch, caplog):
+    """The first step logs the state's size without draining the admission counters (on a GPU a read of
+    the "triton" executor's device counters is a synchronisation inside the step)."""
+    params = make_params()
+    opt = _opt(params, executor)
+    monkeypatch.setattr(opt._stats, "drain", lambda: pytest.fail("the step read the device counters"))
+    set_grads(params, _stream(1)[0])
+    with caplog.at_level("INFO", logger="hf_memopt"):
+        opt.step()
+    assert any("GB of optimizer state" in r.getMessage() for r in caplog.records)

@@ -10,6 +10,7 @@ strategy from :mod:`.updates`.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -61,6 +62,8 @@ class MemoryAugmentedOptimizer:
         self._executor_cache: dict[Any, Any] = {}
         self._layout_version = 0
         self._size_logged = False
+        #: per param group (by id): the (topc, buffer_dtype, memory on, layout version) it was last checked against
+        self._group_settings: dict[int, tuple[int, torch.dtype | None, bool, int]] = {}
 
     def _finish_setup(self) -> None:
         """Call after the torch counterpart's ``__init__``."""
@@ -78,18 +81,61 @@ class MemoryAugmentedOptimizer:
         self._executor_cache = {}
         self._ledgers = {}
 
+    # -- copies and pickles -------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything a copy needs to step exactly as this optimizer does (torch's ``__getstate__`` keeps
+        only ``defaults``, ``state`` and ``param_groups``).
+
+        Left out, as torch does: the hooks (the checkpoint hooks are registered again on the copy). Left out
+        and rebuilt on the copy: what is keyed by object ids or holds raw addresses (ledger caches, executor
+        tables), and the norm reducer, which holds process groups (the copy resolves it again at its first
+        step; an adapter that bound one by hand must bind it again). Segments are carried by parameter position.
+        """
+        out = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k not in _REBUILT}
+        params = [p for g in self.param_groups for p in g["params"]]
+        out["_segments_by_position"] = {
+            i: list(self._segments[id(p)]) for i, p in enumerate(params) if id(p) in self._segments
+        }
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_segments_by_position" not in state:
+            # not a copy: torch's load_state_dict ends with __setstate__({"state": ..., "param_groups": ...})
+            super().__setstate__(state)  # type: ignore[misc]
+            return
+        state = dict(state)
+        by_position = state.pop("_segments_by_position")
+        super().__setstate__(state)  # type: ignore[misc]  # torch: empty hook tables, the step's profiler patch
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._segments = {id(params[i]): segs for i, segs in by_position.items() if i < len(params)}
+        self._device_ledgers = {}
+        self._group_settings = {}
+        self._pending_memory = None
+        self.norm_reducer = None
+        self._auto_reducer_checked = False
+        self._invalidate_layout()
+        self.register_load_state_dict_pre_hook(checkpoint.load_pre_hook)  # type: ignore[attr-defined]
+        self.register_load_state_dict_post_hook(checkpoint.load_post_hook)  # type: ignore[attr-defined]
+        self.register_state_dict_post_hook(checkpoint.state_dict_post_hook)  # type: ignore[attr-defined]
+
     # -- param groups -------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for name, value in getattr(self, "_memory_defaults", {}).items():
             param_group.setdefault(name, value)
-        cfg = MemoryConfig.from_group(param_group)  # raises ValueError naming the bad argument
+        # raises ValueError naming the bad argument
+        cfg = MemoryConfig.from_group(param_group, where=f"param group {len(getattr(self, 'param_groups', []))}")
         param_group.update(cfg.as_group_entries())
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        if len({id(p) for p in params}) != len(params):
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # named parameters: (name, tensor)
+        if len({id(p) for p in tensors}) != len(tensors):
             # torch only warns; the memory would then advance one tensor's clock twice per step
-            raise ValueError("params: a parameter is listed twice in one param group; list each parameter once")
+            raise ValueError(
+                f"params: a parameter is listed twice in one param group (group {len(getattr(self, 'param_groups', []))}); "
+                "list each parameter once (torch.optim only warns; the memory would store and age it twice per step)"
+            )
         param_group["params"] = params
         super().add_param_group(param_group)  # type: ignore[misc]
         self._auto_reducer_checked = False
@@ -119,9 +165,20 @@ class MemoryAugmentedOptimizer:
 
     # -- the step -----------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform a single optimization step (SPEC section 1, steps 1-5)."""
+        """Perform a single optimization step (SPEC section 1, steps 1-5).
+
+        Under ``torch.compile`` the step runs eagerly (a graph break): it decides on host tables (numpy)
+        and its fast executors keep raw addresses, none of which Dynamo may trace.
+        """
+        if torch.compiler.is_compiling():
+            from ._eager import eager_step  # imports torch._dynamo: only once something is being compiled
+
+            return eager_step(self, closure)
+        return self._step(closure)
+
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         check = getattr(self, "_accelerator_graph_capture_health_check", None)
         if check is not None and "capturable" in self.defaults:  # as torch: SGD has no such flag to check
             check()
@@ -133,13 +190,10 @@ class MemoryAugmentedOptimizer:
         self._reducer()
         works = []
         allocated = False
-        for index, group in enumerate(self.param_groups):
-            cfg = MemoryConfig.from_group(group)
-            if cfg.kappa > 0.0 and group.get("differentiable"):
-                raise ValueError(
-                    "differentiable=True is not supported with the memory on (kappa > 0): admission "
-                    "decisions are not differentiable; use kappa=0 or differentiable=False"
-                )
+        # Every group's settings are checked before anything of any group changes (a step that
+        # raises leaves the optimizer as it was).
+        cfgs = [self._checked_group(index, group) for index, group in enumerate(self.param_groups)]
+        for index, (group, cfg) in enumerate(zip(self.param_groups, cfgs)):
             update = self._base_update
             lists: dict[str, list[Any]] = {name: [] for name in update.list_names}
             extra = self._init_group(group, *lists.values())  # type: ignore[attr-defined]
@@ -147,22 +201,48 @@ class MemoryAugmentedOptimizer:
                 for p in lists["params"]:
                     state = self.state[p]
                     if "memory_sum" not in state:
-                        if torch.is_complex(p):
-                            raise ValueError("complex parameters are not supported with the memory on (kappa > 0)")
                         st.init_state(p, state, cfg, len(st.segments_of(p, self._segments.get(id(p)))))
                         allocated = True
             works.append(Work(index, group, cfg, lists, extra, update))
         run_step(self, works, self.executor)
         if allocated and not self._size_logged:
             self._size_logged = True
-            stats = self.memory_stats(reset=False)
+            # sizes only: memory_stats() would read the device counters (a sync inside the step)
+            states = [s for s in self.state.values() if s]
+            state_bytes = sum(st.tensor_bytes(s.values()) for s in states)
+            memory_bytes = sum(st.memory_bytes(s, _ledger_width(s, self._ledgers)) for s in states if "memory_sum" in s)
             logger.info(
                 "hf_memopt: %s holds %.3g GB of optimizer state on this process (%.3g GB of it the memory)",
                 type(self).__name__,
-                stats["state_bytes"] / 1e9,
-                stats["memory_bytes"] / 1e9,
+                state_bytes / 1e9,
+                memory_bytes / 1e9,
             )
         return loss
+
+    def _checked_group(self, index: int, group: dict[str, Any]) -> MemoryConfig:
+        """The group's memory settings, validated; refusals before anything changes; a memory whose size or
+        dtype no longer matches an edited ``topc`` / ``buffer_dtype`` is dropped (see :func:`_edited_memory`)."""
+        where = f"param group {index}"
+        cfg = MemoryConfig.from_group(group, where=where)  # a ValueError naming the group and the key
+        memory_on = cfg.kappa > 0.0
+        if memory_on and group.get("differentiable"):
+            raise ValueError(
+                f"{where}: differentiable=True is not supported with the memory on (kappa > 0): admission "
+                "decisions are not differentiable; use kappa=0 or differentiable=False"
+            )
+        seen = (cfg.topc, cfg.buffer_dtype, memory_on, self._layout_version)
+        if self._group_settings.get(id(group), (None,))[:4] != seen:
+            # once per change of the settings or of the layout (a load, a new group), not per step
+            if memory_on and any(torch.is_complex(p) for p in group["params"]):
+                raise ValueError(
+                    f"{where}: complex parameters are not supported with the memory on (kappa > 0): a priority "
+                    "is a real norm of a real gradient; use kappa=0 for this group, or view the parameter as "
+                    "real (torch.view_as_real)"
+                )
+            if _edited_memory(self, index, group, cfg):
+                self._invalidate_layout()
+            self._group_settings[id(group)] = (cfg.topc, cfg.buffer_dtype, memory_on, self._layout_version)
+        return cfg
 
     def _reducer(self) -> st.NormReducer | None:
         if self.norm_reducer is None and not self._auto_reducer_checked:
@@ -188,25 +268,39 @@ class MemoryAugmentedOptimizer:
         return st.Ledger(snap.priorities[rows], snap.stored_at[rows], snap.count[rows], snap.clock[rows], snap.anchor)
 
     def executor_for(self, group: dict[str, Any] | int) -> str | None:
-        """The executor ("torch", "cpu" or "triton") that ran ``group`` (a param group or its index) at the
-        last step; None before its first step."""
-        index = group if isinstance(group, int) else next(i for i, g in enumerate(self.param_groups) if g is group)
+        """The executor ("torch", "cpu" or "triton") that ran ``group`` (one of ``param_groups``, or its index)
+        at the last step; None before its first step."""
+        if isinstance(group, bool) or not isinstance(group, (int, dict)):
+            raise TypeError(f"executor_for takes a param group (a dict of param_groups) or its index; got {group!r}")
+        if isinstance(group, dict):
+            index = next((i for i, g in enumerate(self.param_groups) if g is group), None)
+            if index is None:
+                raise ValueError(
+                    "executor_for: this dict is not one of optimizer.param_groups (a copy, e.g. dict(group), is not "
+                    "the group); pass the group itself or its index"
+                )
+        else:
+            index = int(group)
+            if not -len(self.param_groups) <= index < len(self.param_groups):
+                raise IndexError(
+                    f"executor_for: param group index {index} out of range ({len(self.param_groups)} groups)"
+                )
+            index %= len(self.param_groups)
         return self._ran.get(index)
 
-    def memory_stats(self, reset: bool = True) -> dict[str, Any]:
-        """Plain numbers about the memory, for logs (admissions/rejections since the last call).
+    def memory_stats(self, reset: bool = True, reader: str = "user") -> dict[str, Any]:
+        """Plain numbers about the memory, for logs.
 
-        Keys: ``admissions``, ``rejections``, ``admission_rate``, ``fill`` (stored / capacity),
-        ``mean_age`` (steps since storage, over stored gradients), ``memory_bytes`` (slots and
-        running sums on this process), ``state_bytes`` (all optimizer state on this process),
+        Keys: ``admissions``, ``rejections`` (since this ``reader``'s previous call that reset), ``admission_rate``,
+        ``fill`` (stored / capacity), ``mean_age`` (steps since storage, over stored gradients), ``memory_bytes``
+        (slots and running sums on this process), ``state_bytes`` (all optimizer state on this process),
         ``executor`` (the executors that ran at the last step, e.g. ``"cpu"`` or ``"cpu,torch"``).
-        ``reset=False`` leaves the admission counters running.
+
+        Reading changes nothing for any other reader: each ``reader`` has its own counters (``MemOptTrainer``'s
+        logs read as ``"MemOptTrainer"``, so a call from user code takes no counts away from them).
+        ``reset=False`` leaves this reader's counters running.
         """
-        if reset:
-            admitted, rejected = self._stats.take()
-        else:
-            self._stats.drain()
-            admitted, rejected = self._stats.admitted, self._stats.rejected
+        admitted, rejected = self._stats.since(reader, reset)
         stored = capacity = 0
         age_sum = 0
         memory_bytes = state_bytes = 0
@@ -241,6 +335,70 @@ class MemoryAugmentedOptimizer:
         }
 
 
+#: attributes not carried by copies and pickles: rebuilt from the state (see ``__getstate__``)
+_REBUILT = frozenset(
+    {
+        "_ledgers",
+        "_device_ledgers",
+        "_executor_cache",
+        "_segments",
+        "_group_settings",
+        "_pending_memory",
+        "norm_reducer",
+        "_auto_reducer_checked",
+    }
+)
+
+
+def _edited_memory(opt: MemoryAugmentedOptimizer, index: int, group: dict[str, Any], cfg: MemoryConfig) -> bool:
+    """Drop the memory of ``group``'s parameters when ``topc`` or ``buffer_dtype`` was edited in the group since
+    it was allocated, with a warning; True when something was dropped.
+
+    The memory then starts empty at this step with the new settings, exactly as a fresh optimizer loaded with
+    ``hf_memopt.without_memory(state_dict)`` would (the base optimizer's state is kept). Resizing the slots in
+    place could not keep the rule: the stored gradients were ranked against ``topc`` others, and a cast of
+    the stored values is not what admitting them in the new dtype would have stored.
+    """
+    previous = opt._group_settings.get(id(group))
+    if previous is not None and previous[3] != opt._layout_version:
+        previous = None  # recorded before a load or a new group: not this group's history
+    changed: dict[str, tuple[Any, Any]] = {}
+    states = []
+    for p in group["params"]:
+        state = opt.state.get(p)
+        if not state or "memory_sum" not in state:
+            continue
+        states.append(state)
+        topc = _ledger_width(state, {})
+        if topc != cfg.topc:
+            changed["topc"] = (topc, cfg.topc)
+        slot_dtype = state["memory_0"].dtype if "memory_0" in state else None
+        if cfg.buffer_dtype is not None and slot_dtype != cfg.buffer_dtype:
+            changed["buffer_dtype"] = (slot_dtype, cfg.buffer_dtype)
+        elif cfg.buffer_dtype is None and previous is not None and previous[1] is not None:
+            changed["buffer_dtype"] = (previous[1], None)  # edited back to "the parameter's dtype"
+    if not changed:
+        return False
+    for state in states:
+        opt._device_ledgers.pop(id(state.get("priority_0")), None)
+        for key in [k for k in state if st.is_memory_key(k)]:
+            del state[key]
+    edits = ", ".join(f"{k} {_shown(old)} -> {_shown(new)}" for k, (old, new) in changed.items())
+    warnings.warn(
+        f"param group {index}: {edits} was edited in param_groups after the memory was allocated: the memory of "
+        f"its {len(states)} parameter(s) starts empty at this step with the new settings, as a fresh optimizer "
+        "loaded with hf_memopt.without_memory(state_dict) would (the base optimizer's state is kept)",
+        stacklevel=4,
+    )
+    return True
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return "None (the parameter's dtype)" if value is None else str(value)
+
+
 def _ledger_width(state: dict[str, Any], ledgers: dict[int, st.Ledger]) -> int:
     """C of a parameter's memory: from its cached ledger, else from the slot keys (once per new ledger)."""
     led = ledgers.get(id(state["priority_0"]))
@@ -253,11 +411,13 @@ def _ledger_width(state: dict[str, Any], ledgers: dict[int, st.Ledger]) -> int:
 
 
 class _Stats:
-    """Admission counters between two ``memory_stats()`` calls."""
+    """Admission counters: running totals since the optimizer was built, and where each reader last reset."""
 
     def __init__(self) -> None:
         self.admitted = 0
         self.rejected = 0
+        #: reader -> (admitted, rejected) totals at its last reset
+        self.marks: dict[str, tuple[int, int]] = {}
         #: device counters [admitted, rejected] kept by executors that decide on a device
         self.device: dict[torch.device, Tensor] = {}
 
@@ -269,8 +429,9 @@ class _Stats:
         return t
 
     def drain(self) -> None:
+        """Move the device counters into the totals (the transfer, only when the counts are read)."""
         for t in self.device.values():
-            admitted, rejected = t.tolist()  # the transfer, only when memory_stats() is called
+            admitted, rejected = t.tolist()
             self.admitted += admitted
             self.rejected += rejected
             t.zero_()
@@ -281,8 +442,10 @@ class _Stats:
         self.admitted += admitted
         self.rejected += len(modes) - admitted
 
-    def take(self) -> tuple[int, int]:
+    def since(self, reader: str, reset: bool) -> tuple[int, int]:
+        """(admitted, rejected) since ``reader``'s last reset; ``reset`` starts its next count here."""
         self.drain()
-        out = (self.admitted, self.rejected)
-        self.admitted = self.rejected = 0
-        return out
+        base_admitted, base_rejected = self.marks.get(reader, (0, 0))
+        if reset:
+            self.marks[reader] = (self.admitted, self.rejected)
+        return self.admitted - base_admitted, self.rejected - base_rejected

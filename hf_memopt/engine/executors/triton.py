@@ -255,6 +255,7 @@ class TritonExecutor:
                 MAXIMIZE=bool(scalars and group["maximize"]),
                 BLOCK=k.BLOCK if scalars is None else k.ADAM_BLOCK,
                 enable_fp_fusion=True,  # multiply-adds contracted into FMAs (see triton_kernels.apply)
+                maxnreg=k.APPLY_MAXNREG,
             )
 
     def _reduce(self, lay: Layout, reducer: st.NormReducer) -> Tensor:
@@ -277,6 +278,12 @@ class TritonExecutor:
         cached = lay.pointers.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
+        _refuse_in_capture(
+            lay.device,
+            "the gradients' addresses changed since the last step (a graph would replay the old ones). Keep "
+            "gradients in place across captured steps: optimizer.zero_grad(set_to_none=False), and take a few "
+            "eager steps before capturing so that every table is built",
+        )
         table = to_device(addresses, lay.device)
         lay.pointers[name] = (key, table)
         return table
@@ -296,9 +303,25 @@ class TritonExecutor:
             for w in works:  # the ledgers first: a rebound one makes the layout stale
                 group_ledger(opt, w.index, w.group, w.cfg.topc, lay.device)
         if lay is None or not lay.valid(opt, works):
+            _refuse_in_capture(
+                st.local_tensor(works[0].lists["params"][0]).device,
+                "the executor's tables must be built (first steps, a load, new parameters or state, an edited "
+                "group flag); take a few eager steps before capturing, and change nothing between captured steps",
+            )
             lay = build_layout(opt, works, reducer)
             opt._executor_cache[key] = lay
         return lay
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_in_capture(device: torch.device, why: str) -> None:
+    """Raise where a CUDA graph is being captured on ``device``'s current stream: host-to-device copies of
+    tables would be captured from a temporary buffer, and a replay would read stale addresses."""
+    if _capturing(device):
+        raise RuntimeError(f"hf_memopt 'triton' executor during CUDA graph capture: {why}")
 
 
 #: the Adam scalars of a launch without the in-kernel update (ignored by the kernel)
