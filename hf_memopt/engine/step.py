@@ -60,7 +60,7 @@ def run_step(opt: Any, works: list[Work], requested: str) -> None:
     memory = [w for w in works if w.cfg.kappa > 0.0]
     for executor, group_works in _by_executor(memory):
         executor.prepare(opt, group_works)
-    host = [w for w in memory if w.lists["params"] and _decides_on_host(opt, w)]
+    host = [w for w in memory if w.lists["params"] and w.executor.decides_on_host(opt, w)]
     plan_groups(opt, host, opt.norm_reducer, memory)
     for executor, group_works in _by_executor(works):
         executor.run(opt, group_works)
@@ -73,8 +73,3 @@ def _by_executor(works: list[Work]) -> list[tuple[Any, list[Work]]]:
         if w.lists["params"]:
             out.setdefault(id(w.executor), (w.executor, []))[1].append(w)
     return list(out.values())
-
-
-def _decides_on_host(opt: Any, w: Work) -> bool:
-    decides = w.executor.decides_on_host
-    return decides(opt, w) if callable(decides) else bool(decides)

@@ -13,13 +13,39 @@ host, the host plan) and leaves parameters, state and ledgers updated.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from .cpu import CpuExecutor
 from .torch import TorchExecutor
 from .triton import TritonExecutor
 
 logger = logging.getLogger("hf_memopt")
+
+
+class Executor(Protocol):
+    """What the step (:func:`hf_memopt.engine.step.run_step`) asks of an executor, per param group ("work").
+
+    An executor that keeps raw addresses between steps keys what it caches on ``work.view`` (the group's
+    state as :mod:`hf_memopt.engine.guard` validated it this step) and judges a new view once, in
+    :meth:`unavailable`; see docs/design.md, "What an executor may cache".
+    """
+
+    #: "torch", "cpu" or "triton": what ``optimizer.executor_for(group)`` reports
+    name: str
+
+    def unavailable(self, opt: Any, work: Any) -> str | None:
+        """Why it cannot run ``work`` this step, in words (None: it can). Reads no device value."""
+
+    def decides_on_host(self, opt: Any, work: Any) -> bool:
+        """Whether ``work`` takes a host plan (:mod:`hf_memopt.engine.plan`) instead of deciding itself."""
+
+    def prepare(self, opt: Any, works: Sequence[Any]) -> None:
+        """Before the decisions (Critical Momenta advances its momenta: what is stored and tested)."""
+
+    def run(self, opt: Any, works: Sequence[Any]) -> None:
+        """Aggregate, admit, commit the decisions, then the base update, for every work it was picked for."""
+
 
 #: The values of the ``executor`` argument.
 EXECUTOR_CHOICES = ("auto", "torch", "cpu", "triton")
@@ -38,7 +64,7 @@ def check_executor_name(value: Any) -> str:
     return value
 
 
-def select_executor(requested: str, opt: Any, work: Any) -> TorchExecutor | CpuExecutor | TritonExecutor:
+def select_executor(requested: str, opt: Any, work: Any) -> Executor:
     """The executor that runs ``work`` (one param group) in this step.
 
     ``requested`` is the optimizer's ``executor`` argument:
@@ -93,6 +119,7 @@ def _log_no_triton(reason: str) -> None:
 __all__ = [
     "CPU",
     "EXECUTOR_CHOICES",
+    "Executor",
     "TORCH",
     "TRITON",
     "CpuExecutor",

@@ -91,8 +91,7 @@ class CpuExecutor:
                 w.update.advance(w.group, w.lists)
                 w.admit = w.lists[w.update.memory_source]
 
-    @staticmethod
-    def decides_on_host(opt: Any, work: Any) -> bool:
+    def decides_on_host(self, opt: Any, work: Any) -> bool:
         """Host decisions under a norm reducer or with segments; else the whole step runs in C."""
         return opt.norm_reducer is not None or any(id(p) in opt._segments for p in work.lists["params"])
 

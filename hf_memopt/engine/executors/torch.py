@@ -36,7 +36,10 @@ class TorchExecutor:
     """Runs any param group with torch ops (see the module docstring)."""
 
     name = "torch"
-    decides_on_host = True
+
+    def decides_on_host(self, opt: Any, work: Any) -> bool:
+        """Always: decisions come from the host plan."""
+        return True
 
     def unavailable(self, opt: Any, work: Any) -> str | None:
         """Why this executor cannot run ``work`` (None: it can): only a capturable group with the memory on,

@@ -63,7 +63,10 @@ class TritonExecutor:
     """Runs param groups with the Triton kernels (see the module docstring)."""
 
     name = "triton"
-    decides_on_host = False
+
+    def decides_on_host(self, opt: Any, work: Any) -> bool:
+        """Never: the ``decide`` kernel decides on the device."""
+        return False
 
     def unavailable(self, opt: Any, work: Any) -> str | None:
         """Why the kernels cannot run ``work`` (None: they can)."""
