@@ -7,6 +7,7 @@ One place decides what is a valid ``topc``/``decay``/... so the optimizers, the
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -69,32 +70,42 @@ class MemoryConfig:
 
     def __post_init__(self) -> None:
         topc = self.topc
-        if isinstance(topc, bool) or not isinstance(topc, int) or topc < 1:
-            raise ValueError(f"topc must be an int >= 1; got {topc!r}")
+        # numbers.Integral / numbers.Real: numpy scalars (np.int64(5), np.float32(0.9)) are numbers too
+        if isinstance(topc, bool) or not isinstance(topc, numbers.Integral) or int(topc) < 1:
+            raise ValueError(f"topc must be an int >= 1 (a Python or numpy integer); got {topc!r}")
         decay = self.decay
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 < float(decay) <= 1.0):
-            raise ValueError(f"decay must be a number with 0 < decay <= 1; got {decay!r}")
+        if not _is_real(decay) or not (0.0 < float(decay) <= 1.0):
+            raise ValueError(f"decay must be a number with 0 < decay <= 1 (a Python or numpy real); got {decay!r}")
         kappa = self.kappa
-        if (
-            isinstance(kappa, bool)
-            or not isinstance(kappa, (int, float))
-            or not math.isfinite(float(kappa))
-            or float(kappa) < 0.0
-        ):
+        if not _is_real(kappa) or not math.isfinite(float(kappa)) or float(kappa) < 0.0:
             raise ValueError(f"kappa must be a finite number >= 0 (0 turns the memory off); got {kappa!r}")
-        if self.aggregation not in AGGREGATIONS:
+        if not isinstance(self.aggregation, str) or self.aggregation not in AGGREGATIONS:
             raise ValueError(
                 f"aggregation must be one of {', '.join(map(repr, AGGREGATIONS))}; got {self.aggregation!r}"
             )
-        if self.key not in KEYS:
+        if not isinstance(self.key, str) or self.key not in KEYS:
             raise ValueError(f"key must be one of {', '.join(map(repr, KEYS))}; got {self.key!r}")
+        object.__setattr__(self, "topc", int(topc))
         object.__setattr__(self, "decay", float(decay))
         object.__setattr__(self, "kappa", float(kappa))
         object.__setattr__(self, "buffer_dtype", parse_buffer_dtype(self.buffer_dtype))
 
     @classmethod
-    def from_group(cls, group: dict[str, Any]) -> MemoryConfig:
-        return cls(**{f.name: group[f.name] for f in fields(cls)})
+    def from_group(cls, group: dict[str, Any], where: str | None = None) -> MemoryConfig:
+        """The validated settings of a param group; ``ValueError`` naming ``where`` (e.g. "param group 1")
+        and the key when one is missing or invalid (a user may edit ``param_groups`` between steps)."""
+        missing = [f.name for f in fields(cls) if f.name not in group]
+        if missing:
+            raise ValueError(
+                f"{where or 'the param group'} has no {', '.join(missing)}: the memory settings "
+                f"({', '.join(f.name for f in fields(cls))}) must stay in every param group"
+            )
+        try:
+            return cls(**{f.name: group[f.name] for f in fields(cls)})
+        except ValueError as err:
+            if where is None:
+                raise
+            raise ValueError(f"{where}: {err}") from None
 
     def as_group_entries(self) -> dict[str, Any]:
         """The values as they are stored in a param group.
@@ -107,6 +118,11 @@ class MemoryConfig:
         if self.buffer_dtype is not None:
             out["buffer_dtype"] = str(self.buffer_dtype).removeprefix("torch.")
         return out
+
+
+def _is_real(value: Any) -> bool:
+    """A real number: int, float or a numpy integer/floating scalar (not a bool, not a tensor)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 MEMORY_ARG_NAMES: tuple[str, ...] = tuple(f.name for f in fields(MemoryConfig))

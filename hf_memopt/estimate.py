@@ -22,6 +22,7 @@ the ``buffer_dtype`` you configure.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -43,8 +44,10 @@ STRATEGIES: dict[str, tuple[bool, bool, bool]] = {
 
 
 def _numel(model_or_numel: Any) -> int:
-    if isinstance(model_or_numel, int):
-        return model_or_numel
+    if isinstance(model_or_numel, numbers.Integral) and not isinstance(model_or_numel, bool):
+        if model_or_numel < 0:
+            raise ValueError(f"model_or_numel: a parameter count must be >= 0; got {model_or_numel!r}")
+        return int(model_or_numel)
     if isinstance(model_or_numel, torch.nn.Module):
         return sum(p.numel() for p in model_or_numel.parameters() if p.requires_grad)
     raise TypeError(f"estimate_memory needs an nn.Module or a parameter count; got {type(model_or_numel).__name__}")
@@ -69,6 +72,8 @@ def estimate_memory(
     sharded: bool | str = True,
     amsgrad: bool = False,
     master_weights: bool | None = None,
+    offload: bool = False,
+    model_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Per-rank bytes of optimizer state for AdamW and for ``MemoryAugmentedAdamW``.
 
@@ -83,17 +88,34 @@ def estimate_memory(
         amsgrad: AdamW's ``max_exp_avg_sq``.
         master_weights: count an fp32 master copy in ``breakdown`` (default: True for bf16/fp16
             ``param_dtype`` under a ZeRO strategy).
+        offload: the optimizer state lives in host RAM (DeepSpeed ZeRO-Offload,
+            ``offload_optimizer.device="cpu"``; FSDP2 ``CPUOffloadPolicy``); only for the strategies
+            ``zero1``, ``zero2``, ``zero3`` and ``fsdp2``. ``placement`` then splits device memory from
+            host RAM (see Returns).
+        model_dtype: dtype of the model's parameters and gradients on the device (default:
+            ``param_dtype``), for ``placement`` under ``offload``: DeepSpeed's bf16/fp16 parameters,
+            while ``param_dtype`` stays the fp32 the optimizer steps.
 
     Returns:
         ``{"adamw": bytes, "memopt": bytes, "ratio": memopt / adamw, "per_param": {...},
         "strategy": name, "numel_per_rank": n, "breakdown": {...}}``; every byte count is per rank.
         ``breakdown`` has ``moments``, ``memory_slots``, ``memory_sum`` (the optimizer state) and
         ``params``, ``grads``, ``master`` and ``training_adamw`` / ``training_memopt`` totals.
+        ``placement``: ``device_adamw``/``device_memopt`` (accelerator memory that persists between
+        steps: parameters and gradients as the strategy keeps them, and without offload everything
+        else too) and ``host_adamw``/``host_memopt`` (host RAM: the optimizer state plus the engine's
+        own host buffers, itemised in ``host_buffers``). Under ZeRO-Offload DeepSpeed keeps on the host
+        an fp32 master partition, an fp32 gradient partition and (ZeRO-1/2) a copy of the partition in
+        ``model_dtype`` for the copy back to the device; FSDP2 keeps the sharded parameters and
+        gradients there. Not counted: transient buffers of one tensor (DeepSpeed's largest-parameter
+        staging buffers, FSDP2's all-gathered layer) and, with gradient accumulation, ZeRO-1/2's fp32
+        accumulation buffer on the host (one more ``4 * numel_per_rank`` bytes).
     """
-    if isinstance(topc, bool) or not isinstance(topc, int) or topc < 1:
-        raise ValueError(f"topc must be an int >= 1; got {topc!r}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1; got {world_size!r}")
+    if isinstance(topc, bool) or not isinstance(topc, numbers.Integral) or topc < 1:
+        raise ValueError(f"topc must be an int >= 1 (a Python or numpy integer); got {topc!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1; got {world_size!r}")
+    topc, world_size = int(topc), int(world_size)
     numel = _numel(model_or_numel)
     name = _strategy(sharded, world_size)
     state_sharded, grads_sharded, params_sharded = STRATEGIES[name]
@@ -116,6 +138,19 @@ def estimate_memory(
     master = n_state * 4 if master_weights else 0
     adamw = moments
     memopt = moments + slots + running_sum
+    model_size = torch.empty((), dtype=model_dtype or param_dtype).element_size()
+    device_model = (local(params_sharded) + local(grads_sharded)) * model_size
+    placement = _placement(name, offload, n_state, model_size, device_model)
+    if placement is None:
+        training = params + grads + master
+        placement = {"device_base": training, "host_base": 0, "host_buffers": {}}
+    base_device, base_host = placement.pop("device_base"), placement.pop("host_base")
+    placement.update(
+        device_adamw=base_device + (0 if offload else adamw),
+        device_memopt=base_device + (0 if offload else memopt),
+        host_adamw=base_host + (adamw if offload else 0),
+        host_memopt=base_host + (memopt if offload else 0),
+    )
     return {
         "strategy": name,
         "world_size": world_size,
@@ -135,4 +170,30 @@ def estimate_memory(
             "training_adamw": params + grads + master + adamw,
             "training_memopt": params + grads + master + memopt,
         },
+        "placement": placement,
     }
+
+
+def _placement(
+    name: str, offload: bool, numel_per_rank: int, model_size: int, device_model: int
+) -> dict[str, Any] | None:
+    """Device and host bytes besides the optimizer state under ``offload``; None without offload.
+
+    ``device_model``: bytes of the parameters and gradients the device keeps under ZeRO.
+    """
+    if not offload:
+        return None
+    if name in ("zero1", "zero2", "zero3"):
+        # the device keeps the model's parameters and gradients as without offload (ZeRO-3: partitions)
+        buffers = {
+            "master": numel_per_rank * 4,  # fp32 master partition (DeepSpeed clones it to the host)
+            "grads": numel_per_rank * 4,  # fp32 gradient partition the client reads
+            "staging": numel_per_rank * model_size if name != "zero3" else 0,  # bit16 copy back to the device
+        }
+        return {"device_base": device_model, "host_base": sum(buffers.values()), "host_buffers": buffers}
+    if name in ("fsdp2", "fsdp"):
+        buffers = {"params": numel_per_rank * model_size, "grads": numel_per_rank * model_size}
+        return {"device_base": 0, "host_base": sum(buffers.values()), "host_buffers": buffers}
+    raise ValueError(
+        f"offload=True is modelled for the strategies zero1, zero2, zero3 and fsdp2 (sharded=...); got {name!r}"
+    )

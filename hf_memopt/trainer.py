@@ -9,8 +9,9 @@ imported; this subclass only adds reporting:
   ``trainer_state.json``, sent to trackers), next to the optimizer's own INFO line on the
   ``hf_memopt`` logger: a checkpoint's ``optimizer.pt`` is about that size;
 * every logging step that reports the training loss also reports
-  ``optimizer.memory_stats()`` under ``memopt/...`` (admissions and rejections since the
-  previous logging step, admission rate, fill, mean age in steps, memory and state bytes);
+  ``optimizer.memory_stats(reader="MemOptTrainer")`` under ``memopt/...`` (admissions and
+  rejections since the previous logging step, whatever other code reads meanwhile;
+  admission rate, fill, mean age in steps, memory and state bytes);
 * ``create_model_card()`` (offline; only ``push_to_hub`` needs the network) writes
   ``README.md`` with the tags ``hf_memopt`` and the optim name and a section naming the
   optimizer, every hyperparameter, the optimizer-state bytes and the paper.
@@ -30,6 +31,8 @@ register()  # this module is usable on its own: `from hf_memopt.trainer import M
 
 #: Prefix of the memory statistics in the logs.
 LOG_PREFIX = "memopt/"
+#: The ``memory_stats(reader=...)`` counters the logs read (admissions since the previous logging step).
+LOG_READER = "MemOptTrainer"
 
 
 class _StateSizeAtFirstStep(TrainerCallback):
@@ -46,7 +49,7 @@ class _StateSizeAtFirstStep(TrainerCallback):
         if optimizer is None:
             return
         self.done = True
-        stats = optimizer.memory_stats(reset=False)  # leaves the admission counters to the logging steps
+        stats = optimizer.memory_stats(reset=False, reader=LOG_READER)
         total, memory = int(stats["state_bytes"]), int(stats["memory_bytes"])
         # Its own log entry (printed by the Trainer's console callbacks, kept in log_history, sent to
         # trackers). Logging clears control.should_log, which may be set for this very step's loss log.
@@ -76,7 +79,8 @@ class MemOptTrainer(Trainer):
         executor's name (a string, which loggers such as TensorBoard would drop) goes to the model card."""
         optimizer = self.memopt_optimizer()
         if optimizer is not None and "loss" in logs:
-            stats = optimizer.memory_stats()
+            # its own reader: a user's memory_stats() call takes no counts away from the logs
+            stats = optimizer.memory_stats(reader=LOG_READER)
             logs.update({LOG_PREFIX + k: v for k, v in stats.items() if isinstance(v, (int, float))})
         super().log(logs, *args, **kwargs)
 

@@ -119,7 +119,7 @@ def plan_groups(
             sq = reducer(units, sq)
     if max_local is not None and reducer is None:
         host = torch.cat([sq.sqrt(), max_local.to(sq.device, torch.float64)]).cpu().numpy()  # the one transfer
-        norms, max_abs = host[: len(units)], host[len(units) :].astype(np.float32)
+        norms, max_abs = host[: len(units)], host[len(units) :]  # fp64: exact for fp32 and fp64 maxima
     else:
         norms, max_abs = sq.sqrt().cpu().numpy(), None  # the one device-to-host transfer of the step
     groups = np.array(unit_group)

@@ -10,9 +10,10 @@ Read it next to SPEC section 1. For every unit that has a gradient g in this ste
 5. :func:`commit`      -- record the admission and multiply every stored priority by ``decay``.
 
 The "torch" executor and the host-decision mode of the "cpu" executor run exactly these
-functions. The whole-step C kernel (``executors/memopt_cpu.c``, ``memopt_adam_fused``) carries a
-C transcription of :func:`coefficients`, :func:`decide` and :func:`commit`; ``tests/test_rule_matrix.py``
-holds both copies to the slow reference.
+functions. Two executors carry transcriptions of :func:`coefficients`, :func:`decide` and
+:func:`commit`: the whole-step C kernel (``executors/memopt_cpu.c``, ``memopt_adam_fused``) and the
+Triton kernels (``executors/triton_kernels.py``, decisions on the device); ``tests/test_rule_matrix.py``
+holds all three to the slow reference.
 """
 
 from __future__ import annotations
@@ -79,8 +80,14 @@ def coefficients(n: np.ndarray, kappa: float, aggregation: str) -> tuple[np.ndar
 
 
 def finite_in(max_abs: np.ndarray, buffer_dtype: torch.dtype) -> np.ndarray:
-    """Whether g cast to ``buffer_dtype`` is finite, from the largest ``|g|`` (casts are monotone)."""
-    return torch.from_numpy(np.ascontiguousarray(max_abs, dtype=np.float32)).to(buffer_dtype).isfinite().numpy()
+    """Whether g cast to ``buffer_dtype`` is finite, from the largest ``|g|`` (casts are monotone).
+
+    ``max_abs`` is fp32 or fp64 (fp64 gradients); it is cast in one rounding, as the store casts g.
+    """
+    values = np.ascontiguousarray(max_abs)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float32)
+    return torch.from_numpy(values).to(buffer_dtype).isfinite().numpy()
 
 
 def decide(

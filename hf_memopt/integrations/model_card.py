@@ -145,6 +145,12 @@ def hyperparameters(args: Any, optimizer: Any = None) -> dict[str, str]:
             if not values and resolved is not None:
                 values = [resolved[key]]
             rows[key] = _fmt(values)
+            if resolved is not None and key in resolved and values and values != [resolved[key]]:
+                # what ran is what the optimizer holds (e.g. a resumed checkpoint's value, loaded as torch loads
+                # every hyperparameter): say so next to the Trainer's own record of optim_args
+                rows[key] += (
+                    f" (ran; `optim_args` said {format_value(resolved[key])}: a resumed checkpoint's value wins)"
+                )
     else:
         for key, value in resolve_optim_args(spec.name, args.optim_args).values().items():
             rows[key] = format_value(value)
@@ -171,8 +177,8 @@ def human_bytes(n: int) -> str:
 def state_bytes(optimizer: Any) -> tuple[int, int, int]:
     """(all optimizer-state bytes, of which memory bytes, trainable elements) on this process.
 
-    Computed from ``optimizer.state`` directly (not ``memory_stats()``, whose admission counters
-    would be reset by the call), with the engine's one definition of state bytes
+    Computed from ``optimizer.state`` directly (not ``memory_stats()``: a card needs no admission counts,
+    and reading them would move the transfer of a device's counters here), with the engine's one definition of state bytes
     (:func:`hf_memopt.engine.state.tensor_bytes`: each storage once, 0-dim scalars left out).
     """
     from ..engine.state import is_memory_key, tensor_bytes

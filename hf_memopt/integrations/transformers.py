@@ -1,10 +1,10 @@
-"""Make ``optim="memopt_adamw"`` (and ``memopt_adam``, ``memopt_sgd``, ``memopt_rmsprop``)
-work with the plain 🤗 ``Trainer``, ``TrainingArguments``, ``HfArgumentParser`` and TRL.
+"""Make ``optim="memopt_adamw"`` (and ``memopt_adam``, ``memopt_sgd``, ``memopt_rmsprop``,
+``memopt_adamw_cm``) work with the plain 🤗 ``Trainer``, ``TrainingArguments``, ``HfArgumentParser`` and TRL.
 
 transformers 5.x has no public registry for optimizers, so :func:`register` touches four
 places, all checked first (:func:`check_transformers_internals`):
 
-1. ``transformers.training_args.OptimizerNames`` gets four members. ``TrainingArguments``
+1. ``transformers.training_args.OptimizerNames`` gets five members (one per ``optim`` name). ``TrainingArguments``
    validates ``optim`` with ``OptimizerNames(value)`` and ``HfArgumentParser`` offers the
    members as ``--optim`` choices, so this is what makes the names accepted everywhere.
    Each member pickles as "import hf_memopt, then look the name up", so a checkpoint's
@@ -13,7 +13,9 @@ places, all checked first (:func:`check_transformers_internals`):
    ``Trainer.create_optimizer``) is wrapped: our names are answered here, any other name
    goes to the original. ``Trainer.create_scheduler`` (which runs right after
    ``accelerator.prepare``) is wrapped too: under DeepSpeed it binds the ZeRO partitions to a
-   memopt client optimizer (``hf_memopt.distributed.deepspeed.bind_prepared``).
+   memopt client optimizer (``hf_memopt.distributed.deepspeed.bind_prepared``), and raises if a
+   memopt optimizer was built but another one will step. ``Trainer.create_optimizer`` is
+   wrapped so that ZeRO-Offload keeps the memopt optimizer (``deepspeed_guard.keep_client_optimizer``).
 3. Since transformers 5.2 the original looks names up in the private table
    ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``; our names are added there too,
    so code that calls the table (or the unwrapped original) also finds them.
@@ -280,11 +282,60 @@ def _wrap_create_scheduler(trainer_cls: type) -> None:
         if getattr(self, "is_deepspeed_enabled", False):
             from ..distributed.deepspeed import bind_prepared
 
-            bind_prepared(self.optimizer)
+            # A memopt optimizer was built or asked for: the one that steps after prepare must be it (a
+            # ZeRO-Offload swap, a create_optimizer override that builds another one).
+            optim = getattr(self.args, "optim", None)
+            expected = getattr(self, _EXPECTED_ATTR, None) or (optim_name(optim) if is_memopt(optim) else None)
+            bind_prepared(self.optimizer, expected=expected)
         return result
 
     setattr(create_scheduler_then_bind, _MARK, True)
     trainer_cls.create_scheduler = create_scheduler_then_bind
+
+
+_EXPECTED_ATTR = "_hf_memopt_expected_optimizer"
+
+
+def _deepspeed_configs(trainer: Any) -> list[Any]:
+    """The DeepSpeed config dicts accelerate will hand to ``deepspeed.initialize`` (usually one object)."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    configs: list[Any] = []
+    for config in (
+        getattr(plugin, "deepspeed_config", None),
+        getattr(getattr(plugin, "hf_ds_config", None), "config", None),
+    ):
+        if isinstance(config, dict) and all(config is not c for c in configs):
+            configs.append(config)
+    return configs
+
+
+def _wrap_create_optimizer(trainer_cls: type) -> None:
+    """Under DeepSpeed, keep a memopt optimizer through ``accelerator.prepare`` (ZeRO-Offload).
+
+    ``Trainer.create_optimizer`` runs right before ``prepare``; with ZeRO-Offload and no
+    ``"zero_force_ds_cpu_optimizer"`` key, accelerate would then swap the memopt optimizer for
+    DeepSpeedCPUAdam without a word. Sets the key to false (logged; ``deepspeed_guard.keep_client_optimizer``)
+    and records what was built, which ``create_scheduler`` checks after ``prepare``.
+    """
+    original = trainer_cls.create_optimizer
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def create_optimizer_keeping_memopt(self: Any, *args: Any, **kwargs: Any) -> Any:
+        optimizer = original(self, *args, **kwargs)
+        if getattr(self, "is_deepspeed_enabled", False) and hasattr(optimizer, "memory_stats"):
+            from .deepspeed_guard import keep_client_optimizer
+
+            optim = getattr(self.args, "optim", None)
+            name = optim_name(optim) if is_memopt(optim) else type(optimizer).__name__
+            setattr(self, _EXPECTED_ATTR, name)
+            for config in _deepspeed_configs(self):
+                keep_client_optimizer(config, name)
+        return optimizer
+
+    setattr(create_optimizer_keeping_memopt, _MARK, True)
+    trainer_cls.create_optimizer = create_optimizer_keeping_memopt
 
 
 def _wrap_training_args(args_cls: type) -> None:
@@ -408,6 +459,7 @@ def register_trainer(trainer_module: Any = None) -> None:
         from transformers.training_args import OptimizerNames
 
         _wrap_get_optimizer_cls_and_kwargs(trainer_cls)
+        _wrap_create_optimizer(trainer_cls)
         _wrap_create_scheduler(trainer_cls)
         table_module = _trainer_optimizer_module()
         table = getattr(table_module, "_OPTIMIZER_HANDLERS", None) if table_module is not None else None
@@ -418,7 +470,7 @@ def register_trainer(trainer_module: Any = None) -> None:
 
 
 def register() -> None:
-    """Register ``memopt_adamw``, ``memopt_adam``, ``memopt_sgd`` and ``memopt_rmsprop`` now.
+    """Register ``memopt_adamw``, ``memopt_adam``, ``memopt_sgd``, ``memopt_rmsprop`` and ``memopt_adamw_cm`` now.
 
     Imports ``transformers.trainer``. ``import hf_memopt`` does not call this: it installs an
     import hook (:mod:`hf_memopt.integrations`) that runs :func:`register_training_args` and

@@ -18,7 +18,7 @@ class MemoryAugmentedSGD(MemoryAugmentedOptimizer, torch.optim.SGD):
     ``aggregation`` (default ``"sum"``, as in the paper's SGD), ``key``, ``buffer_dtype``,
     ``executor`` (``"auto"``, ``"torch"`` or ``"triton"``: the CPU kernel is Adam's) and ``save_memory``
     (see :class:`hf_memopt.MemoryAugmentedAdamW`). Coupled L2 weight decay is added after
-    aggregation. Sparse gradients are not supported.
+    aggregation. Sparse gradients: with the memory off (kappa=0) only, as torch's SGD takes them.
     """
 
     _base_update = SGD
@@ -63,6 +63,11 @@ class MemoryAugmentedSGD(MemoryAugmentedOptimizer, torch.optim.SGD):
 
     def _init_group(self, group: dict[str, Any], params: list, grads: list, momentum_buffer_list: list) -> bool:
         has_sparse = torch.optim.SGD._init_group(self, group, params, grads, momentum_buffer_list)
-        if has_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if has_sparse and MemoryConfig.from_group(group).kappa > 0.0:
+            # with the memory off the group is torch's SGD, which takes sparse gradients
+            raise RuntimeError(
+                f"{type(self).__name__}: sparse gradients are not supported with the memory on (kappa > 0): the "
+                "memory stores dense gradient-shaped slots; use kappa=0 for this group (torch's SGD) or dense "
+                "gradients (e.g. nn.Embedding(sparse=False))"
+            )
         return has_sparse

@@ -2,9 +2,10 @@
 
 A strategy names the lists torch's ``_init_group`` fills for its optimizer and calls torch's
 functional update (for-loop, foreach or fused, as the group's flags ask) with the aggregate in
-place of the gradient. The memory engine knows nothing else of the base optimizer; the one
-exception is the CPU kernel, which implements Adam's update itself and reads Adam's state through
-:meth:`AdamUpdate.kernel_args`.
+place of the gradient. The "torch" executor knows nothing else of the base optimizer. The "cpu" and
+"triton" executors implement Adam's update themselves: they read Adam's state and hyperparameters
+(through :meth:`AdamUpdate.kernel_args`, and the Triton layout through the group and the lists) and
+run only the groups whose strategy says ``cpu_kernel``.
 
 Critical Momenta (SPEC section 1b) stores and aggregates the *momentum*, not the gradient, so it
 cannot run as "aggregate g, then the base update". Its strategy says so with
@@ -131,7 +132,7 @@ class SGDUpdate(BaseUpdate):
             dampening=group["dampening"],
             nesterov=group["nesterov"],
             maximize=group["maximize"],
-            has_sparse_grad=False,
+            has_sparse_grad=bool(extra),  # sparse gradients: only with the memory off (kappa=0), as torch's SGD
             foreach=group["foreach"],
             fused=group["fused"],
         )
@@ -186,7 +187,7 @@ class CriticalMomentaUpdate(AdamUpdate):
         params, grads, exp_avgs = lists["params"], lists["grads"], lists["exp_avgs"]
         if not params:
             return
-        lr, beta1 = group["lr"], _number(group["betas"][0])
+        lr, beta1 = _lr(group), _number(group["betas"][0])
         torch._foreach_add_(lists["state_steps"], 1)
         if group["maximize"]:
             grads = torch._foreach_neg(grads)
@@ -223,7 +224,7 @@ class CriticalMomentaUpdate(AdamUpdate):
             torch._foreach_add_(denom, group["eps"])
             torch._foreach_mul_(denom, bc1)
             ratio = torch._foreach_div(m_tilde, denom)
-            torch._foreach_mul_(ratio, group["lr"])
+            torch._foreach_mul_(ratio, _lr(group))
             torch._foreach_sub_(params, ratio)
             return
         # torch's single-tensor AdamW takes the step as a Python number (step_t.item()); the counters are
@@ -231,7 +232,7 @@ class CriticalMomentaUpdate(AdamUpdate):
         t = torch.stack([s.reshape(()) for s in steps]).tolist()
         torch._foreach_div_(denom, [(1 - beta2**s) ** 0.5 for s in t])
         torch._foreach_add_(denom, group["eps"])
-        lr = group["lr"]
+        lr = _lr(group)
         if isinstance(lr, Tensor):  # a tensor lr stays one (reading it could wait for a device)
             ratio = torch._foreach_div(m_tilde, denom)
             torch._foreach_mul_(ratio, [1 / (1 - beta1**s) for s in t])
@@ -244,6 +245,13 @@ class CriticalMomentaUpdate(AdamUpdate):
         args = super().kernel_args(group, lists)
         args.momentum = True
         return args
+
+
+def _lr(group: dict[str, Any]) -> Any:
+    """The group's lr as the multi-tensor ops take it: a number, or a 0-dim tensor (torch accepts a tensor lr of
+    any shape holding one element, e.g. ``[1]`` or ``[1, 1]``; ``torch._foreach_mul_`` takes only 0-dim ones)."""
+    lr = group["lr"]
+    return lr.reshape(()) if isinstance(lr, Tensor) and lr.dim() else lr
 
 
 def _number(x: Any) -> float:
