@@ -235,9 +235,15 @@ def test_a_state_entry_replaced_is_what_the_next_step_uses(executor):
 
 @pytest.mark.parametrize("executor", ["torch", pytest.param("cpu", marks=needs("cpu"))])
 @pytest.mark.parametrize("count", [7, -1])
-def test_a_memory_count_edited_out_of_range_raises_before_anything_is_written(executor, count):
+@pytest.mark.parametrize("host", [False, True], ids=["", "host-decisions"])
+@pytest.mark.parametrize("optimizer", ["adamw", "cm"])
+def test_a_memory_count_edited_out_of_range_raises_before_anything_is_written(executor, count, host, optimizer):
+    """Critical Momenta's momenta included: they are advanced before the decisions, and the check is earlier."""
     params = make_params()
-    opt = _opt(params, executor)
+    cls = hf_memopt.MemoryAugmentedAdamW if optimizer == "adamw" else hf_memopt.CriticalMomentaAdamW
+    opt = cls(params, lr=1e-2, topc=3, decay=0.8, executor=executor)
+    if host:
+        opt.norm_reducer = lambda units, sq: sq  # decisions on the host, as in sharded runs
     _run(opt, params, _stream(4))
     opt.state[params[2]]["memory_count"].fill_(count)  # topc is 3
     set_grads(params, _stream(1, seed=3)[0])

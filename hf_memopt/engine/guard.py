@@ -156,6 +156,23 @@ def state_view(opt: Any, work: Any) -> StateView:
     return view
 
 
+def check_counts(opt: Any, work: Any) -> None:
+    """Every ``memory_count`` of ``work``'s parameters with a gradient in [0, topc] (host ledgers): slots fill
+    in order, so a count past topc would index slots that do not exist. The scalars are the user's to edit
+    in place, so this runs every step for groups decided on the host, before anything is written (Critical
+    Momenta's momenta included); the C kernel's tables check it before each call, Triton's ``decide``
+    clamps it."""
+    topc, state, ledgers = work.cfg.topc, opt.state, opt._ledgers
+    for p in work.lists["params"]:
+        count = st.ledger_of(state[p], topc, ledgers).count
+        if count.min() < 0 or count.max() > topc:
+            bad = int(count[(count < 0) | (count > topc)][0])
+            raise ValueError(
+                f"{_where(work, p)}: its memory_count of {bad} is outside [0, topc={topc}] (the state was edited "
+                "by hand); nothing was written"
+            )
+
+
 def check_grads(work: Any) -> None:
     """Every gradient shaped like its parameter (``p.data`` replaced after the backward leaves the old grad)."""
     params, grads = work.lists["params"], work.lists["grads"]
@@ -222,4 +239,14 @@ def where(index: int, group: dict[str, Any], p: Tensor) -> str:
     return f"param group {index}, parameter {position}"
 
 
-__all__ = ["PER_STEP_KEYS", "StateView", "check_grads", "check_state", "group_flags", "local", "state_view", "where"]
+__all__ = [
+    "PER_STEP_KEYS",
+    "StateView",
+    "check_counts",
+    "check_grads",
+    "check_state",
+    "group_flags",
+    "local",
+    "state_view",
+    "where",
+]

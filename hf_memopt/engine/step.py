@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import MemoryConfig
 from .executors import select_executor
-from .guard import StateView, state_view
+from .guard import StateView, check_counts, state_view
 from .plan import HostPlan, plan_groups
 
 Lists = dict[str, list[Any]]
@@ -58,9 +58,11 @@ def run_step(opt: Any, works: list[Work], requested: str) -> None:
         w.executor = select_executor(requested, opt, w)
         opt._ran[w.index] = w.executor.name
     memory = [w for w in works if w.cfg.kappa > 0.0]
+    host = [w for w in memory if w.lists["params"] and w.executor.decides_on_host(opt, w)]
+    for w in host:
+        check_counts(opt, w)  # before prepare: Critical Momenta's writes its momenta
     for executor, group_works in _by_executor(memory):
         executor.prepare(opt, group_works)
-    host = [w for w in memory if w.lists["params"] and w.executor.decides_on_host(opt, w)]
     plan_groups(opt, host, opt.norm_reducer, memory)
     for executor, group_works in _by_executor(works):
         executor.run(opt, group_works)
