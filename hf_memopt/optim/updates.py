@@ -66,6 +66,11 @@ class AdamKernelArgs:
     decoupled: bool
     momentum: bool = False  # Critical Momenta: the memory holds m, m~ = m + kappa S / n feeds v and p
 
+    def bias_corrections(self, step: float) -> tuple[float, float]:
+        """``(lr / (1 - beta1^t), sqrt(1 - beta2^t))`` at step ``t``, in Python floats as torch's single-tensor
+        Adam computes them (the kernels take these, not the powers)."""
+        return self.lr / (1 - self.beta1**step), (1 - self.beta2**step) ** 0.5
+
 
 class AdamUpdate(BaseUpdate):
     """``torch.optim.Adam`` / ``AdamW`` (decoupled decay is the group's ``decoupled_weight_decay``)."""
@@ -96,6 +101,21 @@ class AdamUpdate(BaseUpdate):
             fused=group["fused"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
         )
+
+    @staticmethod
+    def kernel_unavailable(group: dict[str, Any]) -> str | None:
+        """Why a kernel (the C one, or Triton's in-pass update) cannot stand in for torch's update of ``group``
+        (None: it can): it replaces torch's default choice only (no ``foreach``/``fused`` request, not
+        capturable or differentiable), and reads lr and betas as numbers."""
+        for flag in ("foreach", "fused"):
+            if group.get(flag) is not None:
+                return f"{flag}={group[flag]} asks for torch's own implementation"
+        for flag in ("capturable", "differentiable"):
+            if group.get(flag):
+                return f"{flag}=True is a torch implementation flag the kernels do not have"
+        if isinstance(group["lr"], Tensor) or any(isinstance(b, Tensor) for b in group["betas"]):
+            return "lr and betas must be Python numbers"
+        return None
 
     def kernel_args(self, group: dict[str, Any], lists: Lists) -> AdamKernelArgs:
         beta1, beta2 = group["betas"]

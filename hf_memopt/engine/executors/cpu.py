@@ -57,14 +57,9 @@ class CpuExecutor:
             return f"{type(opt).__name__}'s base update has no CPU kernel (Adam, AdamW and Critical Momenta have)"
         if cfg.kappa == 0.0:
             return "kappa=0 turns the memory off; the group runs torch's own optimizer"
-        for flag in ("foreach", "fused"):
-            if group.get(flag) is not None:
-                return f"{flag}={group[flag]} asks for torch's own implementation"
-        for flag in ("capturable", "differentiable"):
-            if group.get(flag):
-                return f"{flag}=True is a torch implementation flag the kernel does not have"
-        if isinstance(group["lr"], Tensor) or any(isinstance(b, Tensor) for b in group["betas"]):
-            return "lr and betas must be Python numbers"
+        reason = work.update.kernel_unavailable(group)
+        if reason is not None:
+            return reason
         if cfg.buffer_dtype not in (None, torch.float32, torch.bfloat16):
             return f"buffer_dtype={cfg.buffer_dtype} (the kernel stores fp32 or bf16)"
         tensors = [*work.lists["params"], *work.lists["grads"]]
@@ -314,7 +309,7 @@ def _run_planned(opt: Any, works: Sequence[Any]) -> None:
             torch._foreach_add_(args.steps, 1)
         step_of = torch.stack(args.steps).tolist()
         # torch's single-tensor Adam computes these in Python floats; so do we, once per distinct step
-        coef = {s: (args.lr / (1 - args.beta1**s), (1 - args.beta2**s) ** 0.5) for s in set(step_of)}
+        coef = {s: args.bias_corrections(s) for s in set(step_of)}
         d = plan.d
         n = len(plan.units)
         modes, slots = d.mode.tolist(), d.slot.tolist()

@@ -354,15 +354,16 @@ def _adam_scalars(opt: Any, w: Any) -> dict[str, float] | None:
     torch._foreach_add_(args.steps, 1)
     t = count + 1
     opt._executor_cache[key] = (ids, tuple(s._version for s in args.steps), t)
+    step_size, bc2_sqrt = args.bias_corrections(t)
     return dict(
         p_scale=1 - args.lr * args.weight_decay,
         wd=args.weight_decay,
         lerp_w=1 - args.beta1,
         beta2=args.beta2,
         one_minus_beta2=1 - args.beta2,
-        bc2_sqrt=(1 - args.beta2**t) ** 0.5,
+        bc2_sqrt=bc2_sqrt,
         eps=args.eps,
-        neg_step_size=-(args.lr / (1 - args.beta1**t)),
+        neg_step_size=-step_size,
     )
 
 

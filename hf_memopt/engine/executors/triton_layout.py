@@ -161,12 +161,8 @@ def adam_eligible(opt: Any, w: Any) -> bool:
     implementation choice (no foreach/fused/capturable flag: the kernel stands in for its foreach
     update), numbers for lr and betas, fp32 tensors, CPU step counters, no segments (a flat
     partition's padding needs the plain update)."""
-    u, g = w.update, w.group
-    if u.stores_momentum or getattr(u, "kernel_args", None) is None:
-        return False
-    if g.get("foreach") is not None or g.get("fused") or g.get("capturable") or g.get("differentiable"):
-        return False
-    if isinstance(g["lr"], Tensor) or any(isinstance(b, Tensor) for b in g["betas"]):
+    u = w.update
+    if u.stores_momentum or not u.cpu_kernel or u.kernel_unavailable(w.group) is not None:
         return False
     if any(opt._segments.get(id(p)) for p in w.lists["params"]):
         return False
