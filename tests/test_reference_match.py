@@ -5,6 +5,7 @@ The rule itself is held to the slow SPEC reference on every executor by ``test_r
 
 import pytest
 import torch
+from executors_available import require_or_skip
 from reference import ReferenceOptimizer
 from streams import SHAPES, clone_params, gradient_stream, make_params, set_grads
 
@@ -52,8 +53,7 @@ def assert_memory_equal(opt, ref, params, topc, priority_rel=1e-6):
 def test_kernel_path_is_taken_by_default(monkeypatch):
     import hf_memopt.engine.executors.cpu_kernel as kernels
 
-    if kernels.load() is None:
-        pytest.skip("no C compiler: the 'cpu' executor is unavailable here")
+    require_or_skip("cpu")
     calls = []
     real = kernels.adam_fused
     monkeypatch.setattr(kernels, "adam_fused", lambda *a: calls.append(len(a[3])) or real(*a))
@@ -68,10 +68,7 @@ def test_kernel_path_is_taken_by_default(monkeypatch):
 def test_kernel_is_exact_at_every_thread_count():
     """Tensors of many kernel chunks, split across 1, 2 and 3 threads: the same priorities, memory and
     parameters bit for bit (decisions must not depend on the machine), and all equal to the reference."""
-    from hf_memopt.engine.executors.cpu_kernel import load
-
-    if load() is None:
-        pytest.skip("no C compiler: the 'cpu' executor is unavailable here")
+    require_or_skip("cpu")
     shapes = [(1_000_003,), (611, 491), (17,), (300_001,)]  # not multiples of the 16384-element chunk
     memory = dict(topc=2, decay=0.9, kappa=1.0, aggregation="mean", key="group", buffer_dtype=None)
     previous = torch.get_num_threads()

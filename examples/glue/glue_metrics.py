@@ -14,7 +14,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import EvalPrediction
 
-from hf_memopt.data import hub_reachable
+from memopt_data import hub_reachable
 
 logger = logging.getLogger(__name__)
 

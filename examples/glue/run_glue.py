@@ -8,7 +8,7 @@ The shape of transformers' ``examples/pytorch/text-classification/run_glue.py``:
         --do_train --do_eval --output_dir runs/sst2-memopt
 
 Data: ``--task_name`` loads ``nyu-mll/glue`` from the Hub. Without the Hub (``HF_HUB_OFFLINE=1``, or the Hub
-failing) sst2 and mnli use real stand-ins from package registries (``hf_memopt.data``; the log names them) and
+failing) sst2 and mnli use real stand-ins from package registries (``examples/memopt_data``; the log names them) and
 the other tasks stop with a message; ``--data_source embedded`` skips the Hub. ``--train_file/--validation_file``
 take your own data. Model: ``--model_name_or_path`` defaults to all-MiniLM-L6-v2 (Hub, else the registry copy);
 ``--config_name`` without a model builds a randomly initialised model from that config (used by the tests).
@@ -39,7 +39,15 @@ from transformers import (
 # Registers the memopt_* names in transformers' OptimizerNames. HfArgumentParser reads the --optim choices
 # when it is built (in main()), so this import must happen before that.
 import hf_memopt  # noqa: F401
-from hf_memopt.data import (
+from hf_memopt.distributed import shutdown_process_group
+from hf_memopt.trainer import MemOptTrainer
+
+# The example's helpers live beside it (glue_metrics) and one level up (memopt_data, the examples' data layer,
+# which is not part of the hf_memopt package): a script run by path finds neither on its own.
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from glue_metrics import GLUE_TASKS, build_compute_metrics  # noqa: E402
+
+from memopt_data import (  # noqa: E402
     DATA_SOURCES,
     MINILM,
     SNLI_STANDIN,
@@ -52,11 +60,6 @@ from hf_memopt.data import (
     resolve,
     scripts,
 )
-from hf_memopt.distributed import shutdown_process_group
-from hf_memopt.trainer import MemOptTrainer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from glue_metrics import GLUE_TASKS, build_compute_metrics  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,12 @@ calls :func:`bind_prepared` after ``accelerator.prepare``. Without it the first 
 per optimizer) and each rank keeps partition-local norms. :func:`unbound_reducer` serves a state
 already laid out per partition: each partition is one unit whose priority is the all-reduced
 norm of the whole flat group, consistent on every rank but not per tensor, with one warning.
+
+ZeRO-Offload (``offload_optimizer.device="cpu"``, with ``"zero_force_ds_cpu_optimizer": false``):
+the partitions and the client's state live in host RAM and the "cpu" executor steps them; the
+reducer moves the CPU norm vector to the GPU for an NCCL all-reduce. :func:`bind` logs the offload
+and refuses NVMe and partial (``ratio`` < 1) offload; :func:`require_memopt` names the optimizer
+that took our place (accelerate swaps in DeepSpeedCPUAdam when the flag is missing).
 """
 
 from __future__ import annotations
@@ -256,9 +262,10 @@ def bind(engine_or_optimizer: Any, check: bool = False) -> Any:
     client = zero.optimizer
     if not hasattr(client, "bind_segments"):
         raise TypeError(
-            f"hf_memopt.distributed.deepspeed.bind: DeepSpeed's client optimizer is {type(client).__name__}, "
-            "not a hf_memopt memory-augmented optimizer"
+            f"hf_memopt.distributed.deepspeed.bind: DeepSpeed's client optimizer is {_qualname(client)}, "
+            f"not a hf_memopt memory-augmented optimizer.{_swap_hint(client)}"
         )
+    check_offload_supported(zero)
     reducer = getattr(client, "norm_reducer", None)
     if isinstance(reducer, ShardedNormReducer) and isinstance(reducer.layout, DeepSpeedLayout) and reducer.layout.bound:
         return client
@@ -274,14 +281,30 @@ def bind(engine_or_optimizer: Any, check: bool = False) -> Any:
         sum(len(part.segments) for part in layout.parts),
         len(layout.parts),
     )
+    if is_offloaded(zero):
+        from ..engine.executors.cpu_kernel import kernel_threads
+
+        logger.info(
+            "%s: ZeRO-Offload: the optimizer state lives in host RAM and the client steps DeepSpeed's fp32 CPU "
+            "partitions; executor='auto' runs them on the 'cpu' executor (the C kernel, %d thread(s), "
+            "HF_MEMOPT_CPU_THREADS) where it can run the group, else on 'torch' (optimizer.executor_for(group) "
+            "says which ran)",
+            type(client).__name__,
+            kernel_threads(),
+        )
     return client
 
 
-def bind_prepared(obj: Any) -> Any | None:
+def bind_prepared(obj: Any, expected: str | None = None) -> Any | None:
     """:func:`bind` if ``obj`` wraps a DeepSpeed ZeRO optimizer whose client is ours; else None.
 
     For integrations (``Trainer``) that prepare any optimizer: after ``accelerator.prepare``.
+    ``expected``: the name of the memopt optimizer that was asked for (e.g. ``"memopt_adamw"``);
+    then the optimizer that will step must be a memopt one (:func:`require_memopt`), whatever
+    DeepSpeed's stage. None: any optimizer passes (nothing was asked of us).
     """
+    if expected is not None:
+        require_memopt(obj, expected)
     try:
         zero = zero_optimizer_of(obj)
     except ValueError:
@@ -289,6 +312,69 @@ def bind_prepared(obj: Any) -> Any | None:
     if not hasattr(zero.optimizer, "bind_segments"):
         return None
     return bind(zero)
+
+
+def _qualname(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _swap_hint(stepping: Any) -> str:
+    if "deepspeed.ops" not in (type(stepping).__module__ or ""):
+        return ""
+    return (
+        " Under ZeRO-Offload accelerate replaces a client optimizer by DeepSpeed's CPU optimizer unless the "
+        'DeepSpeed config sets "zero_force_ds_cpu_optimizer": false: add that key (hf_memopt\'s Trainer '
+        "integration adds it by itself when the config does not set it)."
+    )
+
+
+def stepping_optimizer(obj: Any) -> Any:
+    """The optimizer that will run ``step()`` inside accelerate's and DeepSpeed's wrappers around ``obj``."""
+    seen = 0
+    while seen < 8:
+        module = type(obj).__module__ or ""
+        inner = getattr(obj, "optimizer", None)
+        if inner is None or not (module.startswith("accelerate.") or module.startswith("deepspeed.runtime")):
+            return obj
+        obj, seen = inner, seen + 1
+    return obj
+
+
+def require_memopt(obj: Any, expected: str) -> Any:
+    """The memopt optimizer that will step inside ``obj``; ``RuntimeError`` naming what replaced it otherwise.
+
+    ``obj``: a prepared optimizer (accelerate's wrapper, a DeepSpeed engine or ZeRO optimizer).
+    ``expected``: what was asked for, for the message.
+    """
+    stepping = stepping_optimizer(obj)
+    if hasattr(stepping, "bind_segments") and hasattr(stepping, "memory_stats"):
+        return stepping
+    raise RuntimeError(
+        f"hf_memopt: {expected} was asked for, but after accelerator.prepare the optimizer that will step is "
+        f"{_qualname(stepping)}: the run would train without the memory.{_swap_hint(stepping)}"
+    )
+
+
+def is_offloaded(zero: Any) -> bool:
+    """Whether a DeepSpeed ZeRO optimizer keeps the optimizer state in host RAM (ZeRO-Offload)."""
+    return bool(getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False))
+
+
+def check_offload_supported(zero: Any) -> None:
+    """``ValueError`` for the optimizer offloads a memopt client cannot run under (NVMe, partial ``ratio``)."""
+    if getattr(zero, "swap_optimizer", False):
+        raise ValueError(
+            "hf_memopt: optimizer offload to NVMe (zero_optimization.offload_optimizer.device='nvme') is not "
+            "supported: DeepSpeed swaps only the state tensors it knows, not the memory's. Use device 'cpu'."
+        )
+    ratio = getattr(zero, "partial_offload", 1.0)
+    if getattr(zero, "offload_optimizer", False) and ratio is not None and float(ratio) < 1.0:
+        raise ValueError(
+            f"hf_memopt: partial optimizer offload (zero_optimization.offload_optimizer.ratio={ratio}) is not "
+            "supported: DeepSpeed steps the part it keeps on the accelerator only with DeepSpeedCPUAdam. "
+            "Remove 'ratio' (or set it to 1.0)."
+        )
 
 
 def unbound_reducer(optimizer: Any, zero: Any, check: bool = False) -> ShardedNormReducer:

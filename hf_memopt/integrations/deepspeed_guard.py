@@ -1,4 +1,4 @@
-"""Refuse a DeepSpeed config whose own ``"optimizer"`` section would replace ``memopt_*``.
+"""Refuse a DeepSpeed config that would replace ``memopt_*``, and keep ours under ZeRO-Offload.
 
 When the DeepSpeed config has an ``"optimizer"`` section, transformers hands DeepSpeed a
 placeholder (``accelerate.utils.DummyOptim``) and never calls ``create_optimizer``: the
@@ -10,6 +10,14 @@ The config can come from ``TrainingArguments.deepspeed`` (a dict, a path to a JS
 a JSON string or base64-encoded JSON: the forms accelerate's ``HfDeepSpeedConfig``
 reads) or, under ``accelerate launch --use_deepspeed --deepspeed_config_file F``, from
 the environment variables accelerate sets for the launched processes.
+
+ZeRO-Offload (``zero_optimization.offload_optimizer.device: "cpu"``): accelerate replaces any
+client optimizer by ``DeepSpeedCPUAdam`` (``map_pytorch_optim_to_deepspeed``) unless the config
+sets ``"zero_force_ds_cpu_optimizer": false``, without a word; the run then trains plain Adam.
+:func:`check_offload` refuses what cannot run with a memopt optimizer (NVMe, partial ``ratio``,
+SuperOffload, the flag set to true) where the arguments are checked, and
+:func:`keep_client_optimizer` sets the flag to false (logged) right before ``prepare``. The
+memopt optimizer then steps DeepSpeed's fp32 CPU partitions on the "cpu" executor.
 """
 
 from __future__ import annotations
@@ -17,11 +25,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from .._env import env_flag
+
+logger = logging.getLogger("hf_memopt.distributed")
+
+#: The DeepSpeed config key that makes DeepSpeed (and accelerate) accept a client optimizer under offload.
+FORCE_FLAG = "zero_force_ds_cpu_optimizer"
 
 
 def _load_config(config: Any) -> Mapping[str, Any] | None:
@@ -68,7 +82,10 @@ def deepspeed_config_of(args: Any) -> Mapping[str, Any] | None:
 def check_deepspeed_optimizer(args: Any, optim_name: str) -> None:
     """Raise ``ValueError`` if the DeepSpeed config of ``args`` brings its own optimizer."""
     config = deepspeed_config_of(args)
-    if config is None or "optimizer" not in config:
+    if config is None:
+        return
+    check_offload(config, optim_name)
+    if "optimizer" not in config:
         return
     section = config["optimizer"]
     ds_type = section.get("type", "?") if isinstance(section, Mapping) else section
@@ -78,3 +95,76 @@ def check_deepspeed_optimizer(args: Any, optim_name: str) -> None:
         f"Remove the 'optimizer' section from the DeepSpeed config to train with {optim_name} "
         "(DeepSpeed then wraps the Trainer's optimizer), or drop optim to use DeepSpeed's optimizer."
     )
+
+
+def offload_device(config: Mapping[str, Any]) -> str:
+    """``zero_optimization.offload_optimizer.device`` of a DeepSpeed config, lower case ("none" when absent)."""
+    zero = config.get("zero_optimization")
+    section = zero.get("offload_optimizer") if isinstance(zero, Mapping) else None
+    device = section.get("device") if isinstance(section, Mapping) else None
+    return str(device if device is not None else "none").lower()
+
+
+def check_offload(config: Mapping[str, Any], optim_name: str) -> None:
+    """Raise ``ValueError`` for an optimizer offload a memopt optimizer cannot run under.
+
+    Supported: ``offload_optimizer.device`` "cpu" with the whole state offloaded. Refused, each with
+    what to change: "nvme" (DeepSpeed swaps the state tensors it knows, not the memory's), a partial
+    ``ratio`` < 1 (ZeRO-3 then asserts DeepSpeedCPUAdam), ``super_offload`` (its own CPU Adam), and
+    ``"zero_force_ds_cpu_optimizer": true``, which makes accelerate replace the optimizer by
+    DeepSpeedCPUAdam without a word. ``"auto"`` values are left to be filled in by accelerate.
+    """
+    device = offload_device(config)
+    if device in ("none", "auto"):
+        return
+    section = config["zero_optimization"]["offload_optimizer"]
+    if device == "nvme":
+        raise ValueError(
+            f"optim={optim_name!r} does not support zero_optimization.offload_optimizer.device='nvme': DeepSpeed "
+            "swaps only the state tensors it knows to NVMe, not the memory's. Use device 'cpu' (the state then "
+            "lives in host RAM and the 'cpu' executor steps it) or no optimizer offload."
+        )
+    if device != "cpu":
+        raise ValueError(
+            f"optim={optim_name!r} supports zero_optimization.offload_optimizer.device 'cpu' or 'none'; got {device!r}"
+        )
+    ratio = section.get("ratio", 1.0)
+    if ratio != "auto" and float(ratio) < 1.0:
+        raise ValueError(
+            f"optim={optim_name!r} does not support partial optimizer offload "
+            f"(zero_optimization.offload_optimizer.ratio={ratio}): DeepSpeed steps the part it keeps on the "
+            "accelerator only with DeepSpeedCPUAdam. Remove 'ratio' (or set it to 1.0) to offload the whole state."
+        )
+    if section.get("super_offload", False) is True:
+        raise ValueError(
+            f"optim={optim_name!r} does not support zero_optimization.offload_optimizer.super_offload, which "
+            "steps with DeepSpeed's own CPU Adam. Remove 'super_offload'."
+        )
+    if config.get(FORCE_FLAG) is True:
+        raise ValueError(
+            f'optim={optim_name!r} with ZeRO-Offload and "{FORCE_FLAG}": true: accelerate would silently replace '
+            f'{optim_name} by DeepSpeedCPUAdam (no memory). Set "{FORCE_FLAG}": false (or remove the key: '
+            "hf_memopt's Trainer integration then sets it to false) to train with the memopt optimizer on CPU."
+        )
+
+
+def keep_client_optimizer(config: MutableMapping[str, Any], optimizer_name: str) -> bool:
+    """Under ZeRO-Offload to CPU, make DeepSpeed and accelerate keep the client optimizer; True if it did.
+
+    Checks the config (:func:`check_offload`), then sets ``"zero_force_ds_cpu_optimizer": false`` in
+    it when absent, and logs so at INFO (logger ``hf_memopt.distributed``). ``config``: the dict
+    accelerate will hand to ``deepspeed.initialize`` (``accelerator.state.deepspeed_plugin.deepspeed_config``).
+    Without ZeRO-Offload: nothing to do, False.
+    """
+    check_offload(config, optimizer_name)
+    if offload_device(config) != "cpu":
+        return False
+    if config.get(FORCE_FLAG) is not False:
+        config[FORCE_FLAG] = False
+        logger.info(
+            'hf_memopt: ZeRO-Offload: set "%s": false in the DeepSpeed config so that accelerate and DeepSpeed '
+            "keep %s (instead of swapping in DeepSpeedCPUAdam); it steps the fp32 CPU partitions on the 'cpu' executor",
+            FORCE_FLAG,
+            optimizer_name,
+        )
+    return True

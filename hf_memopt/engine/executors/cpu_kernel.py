@@ -3,7 +3,12 @@
 Built once with the system C compiler into the user cache (about a second), keyed by the
 source, the compiler and the CPU, then loaded with ctypes. Anything that goes wrong (no
 compiler, a read-only cache, an odd platform) leaves "auto" on the "torch" executor, which is
-exact too, only slower. ``HF_MEMOPT_KERNELS=0`` turns the kernel off.
+exact too, only slower. ``HF_MEMOPT_KERNELS=0`` turns the kernel off. Where
+``$HF_MEMOPT_REQUIRE_EXECUTORS`` names "cpu" (CI), any of these is a :class:`KernelUnavailableError`
+carrying the compiler's messages instead.
+
+``HF_MEMOPT_SANITIZE=address`` (or ``address,undefined``) builds an instrumented copy under another
+cache name, for a process that runs with the sanitizer runtime preloaded (``tests/sanitize/run_asan.py``).
 
 The per-unit tables the kernel reads are named once, in the C source's column lists; the
 library reports them (``memopt_layout``) and :func:`load` refuses a library whose layout is not
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..._env import cache_root, env_flag
+from ..._env import REQUIRE_EXECUTORS_ENV, cache_root, env_flag, required_executors
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,10 @@ KERNELS_ENV = "HF_MEMOPT_KERNELS"
 
 _SRC = Path(__file__).with_name("memopt_cpu.c")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
+
+#: Sanitizers to build the kernel with (comma-separated: "address", "undefined"); for tests only.
+SANITIZE_ENV = "HF_MEMOPT_SANITIZE"
+_SANITIZERS = ("address", "undefined")
 
 
 class Table:
@@ -79,6 +88,10 @@ class LayoutMismatchError(RuntimeError):
     """The compiled kernel's tables are not laid out as this module fills them."""
 
 
+class KernelUnavailableError(RuntimeError):
+    """The kernel cannot be built or loaded here, and ``$HF_MEMOPT_REQUIRE_EXECUTORS`` requires it."""
+
+
 def cache_dir() -> Path:
     return cache_root() / "kernels"
 
@@ -99,38 +112,138 @@ def _compiler() -> str | None:
     return None
 
 
+def sanitizers() -> tuple[str, ...]:
+    """The sanitizers ``$HF_MEMOPT_SANITIZE`` asks the kernel to be built with (empty when unset)."""
+    names = tuple(n.strip().lower() for n in os.environ.get(SANITIZE_ENV, "").split(",") if n.strip())
+    unknown = sorted(set(names) - set(_SANITIZERS))
+    if unknown:
+        raise ValueError(f"{SANITIZE_ENV} names {unknown}; allowed: 'address', 'undefined' (comma-separated)")
+    return names
+
+
+#: Threads the kernel runs on: a positive integer, or ``auto`` (the default, see :func:`kernel_threads`).
+THREADS_ENV = "HF_MEMOPT_CPU_THREADS"
+_MAX_THREADS = 64  # the C side's own cap (run_parallel)
+
+
+def kernel_threads() -> int:
+    """How many threads the kernel runs a step on: ``$HF_MEMOPT_CPU_THREADS``, else the default below.
+
+    Default (unset or ``auto``): the larger of torch's intra-op threads and this process's share of
+    the cores it may run on (``os.sched_getaffinity``) among the ``$LOCAL_WORLD_SIZE`` ranks of its
+    node. ``torchrun`` gives every rank ``OMP_NUM_THREADS=1``, i.e. one torch thread; the optimizer step
+    of an offloaded run (ZeRO-Offload, FSDP2 ``CPUOffloadPolicy``) is memory-bound work on this
+    rank's own partition, during which the rank runs nothing else, so a fair share of the cores
+    overloads nothing and is up to that many times faster. Capped at 64 (the kernel's limit).
+    Read at every step (two environment reads and one system call): the value may change between steps.
+    """
+    raw = os.environ.get(THREADS_ENV, "").strip().lower()
+    if raw and raw != "auto":
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"{THREADS_ENV} must be a positive integer or 'auto'; got {raw!r}")
+        return min(value, _MAX_THREADS)
+    import torch  # deferred: this module loads without torch (the kernel is plain C)
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_ranks = 1
+    return max(1, min(_MAX_THREADS, max(torch.get_num_threads(), cores // local_ranks)))
+
+
+def _sanitizer_flags(names: tuple[str, ...]) -> list[str]:
+    if not names:
+        return []
+    # -O1 -g: reports with line numbers and uninlined frames; halt at the first UB report like ASan does
+    flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=" + ",".join(names)]
+    if "undefined" in names:
+        flags.append("-fno-sanitize-recover=undefined")
+    return flags
+
+
+def _asan_runtime_missing(names: tuple[str, ...]) -> bool:
+    """Whether the library is to be built with ASan, whose runtime this process has not loaded: it must
+    come first in the initial library list (LD_PRELOAD), else loading the library ends the process."""
+    if "address" not in names:
+        return False  # UBSan alone: its runtime loads as an ordinary dependency
+    try:
+        return "libasan" not in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False  # not Linux: let the loader answer
+
+
 @cache
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None when it is disabled or cannot be built."""
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
+    """The loaded library, or None and why not (one attempt per process: a failed build is not retried)."""
     if not env_flag(KERNELS_ENV, default=True):
-        return None
+        return None, f"{KERNELS_ENV}=0 turns it off"
     if platform.system() != "Linux" and platform.system() != "Darwin":
-        return None
+        return None, f"the kernel is built on Linux and macOS only, not {platform.system()}"
     cc = _compiler()
     if cc is None:
-        logger.info("hf_memopt: no C compiler found; the 'cpu' executor is not available")
-        return None
+        return None, "no C compiler found (tried $CC, cc, gcc, clang)"
+    names = sanitizers()
+    flags = _FLAGS + _sanitizer_flags(names)
+    if _asan_runtime_missing(names):
+        return None, (
+            f"{SANITIZE_ENV}={','.join(names)} needs the ASan runtime loaded first: "
+            f"LD_PRELOAD=$({cc} -print-file-name=libasan.so) (tests/sanitize/run_asan.py sets it)"
+        )
     src = _SRC.read_bytes()
-    tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, _cpu_fingerprint()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"memopt_cpu-{tag}.so"
+    tag = hashlib.sha256(src + " ".join([cc, *flags, _cpu_fingerprint()]).encode()).hexdigest()[:16]
+    variant = "-" + "-".join(names) if names else ""
+    out = cache_dir() / f"memopt_cpu{variant}-{tag}.so"
     try:
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 tmp_out = Path(tmp) / out.name
-                subprocess.run([cc, *_FLAGS, str(_SRC), "-o", str(tmp_out), "-lm"], check=True, capture_output=True)
+                subprocess.run([cc, *flags, str(_SRC), "-o", str(tmp_out), "-lm"], check=True, capture_output=True)
                 os.replace(tmp_out, out)  # atomic: concurrent processes never load a half-written file
         lib = ctypes.CDLL(str(out))
-    except (OSError, subprocess.CalledProcessError) as err:
-        detail = getattr(err, "stderr", b"") or b""
-        logger.warning(
-            "hf_memopt: could not build the CPU kernel (%s %s); the 'cpu' executor is not available", err, detail[-500:]
-        )
+    except subprocess.CalledProcessError as err:
+        stderr = (err.stderr or b"").decode(errors="replace")
+        return None, f"{cc} could not build {_SRC.name} (exit {err.returncode}):\n{stderr[-4000:]}"
+    except OSError as err:
+        return None, f"could not build or load {out}: {err}"
+    return lib, None
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot be used here (None: it can)."""
+    return _build()[1]
+
+
+@cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None when it is disabled or cannot be built.
+
+    Raises :class:`KernelUnavailableError` instead of returning None where ``$HF_MEMOPT_REQUIRE_EXECUTORS``
+    names "cpu", and :class:`LayoutMismatchError` for a library whose tables are not laid out as
+    :data:`COLUMNS`.
+    """
+    lib, why = _build()
+    if lib is None:
+        if "cpu" in required_executors():
+            raise KernelUnavailableError(f"{REQUIRE_EXECUTORS_ENV} requires the 'cpu' executor, but {why}")
+        # turned off, or no compiler: an ordinary setup, not a fault to warn about
+        quiet = not env_flag(KERNELS_ENV, default=True) or _compiler() is None
+        (logger.info if quiet else logger.warning)("hf_memopt: the 'cpu' executor is not available: %s", why)
         return None
     lib.memopt_layout.restype = ctypes.c_char_p
     found = lib.memopt_layout().decode()
     if found != COLUMNS.layout():
-        raise LayoutMismatchError(f"hf_memopt: {out} has the table layout {found!r}, expected {COLUMNS.layout()!r}")
+        raise LayoutMismatchError(
+            f"hf_memopt: {lib._name} has the table layout {found!r}, expected {COLUMNS.layout()!r}"
+        )
     fn = lib.memopt_adam_step
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int]

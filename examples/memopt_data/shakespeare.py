@@ -11,7 +11,7 @@ from .cache import missing_examples_extra
 try:
     from datasets import Dataset, DatasetDict, Features, Value
 except ModuleNotFoundError as _err:
-    raise missing_examples_extra(_err, "hf_memopt.data.shakespeare") from _err
+    raise missing_examples_extra(_err, "memopt_data.shakespeare") from _err
 
 from .archives import SHAKESPEARE, EmbeddedDataError, materialize
 from .provenance import SHAKESPEARE_CORPUS

@@ -9,7 +9,7 @@ from .cache import missing_examples_extra
 try:
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 except ModuleNotFoundError as _err:
-    raise missing_examples_extra(_err, "hf_memopt.data.sentiment") from _err
+    raise missing_examples_extra(_err, "memopt_data.sentiment") from _err
 
 from .archives import NESTED_SEP, VADER_SENTIMENT, EmbeddedDataError, materialize
 from .provenance import SST2_STANDIN

@@ -50,7 +50,7 @@ _CARD_METRICS: dict[str, tuple[str, str]] = {
 
 
 def setup_logging(training_args: Any, *logger_names: str) -> None:
-    """Log to stdout: ``hf_memopt`` and ``logger_names`` at INFO on the main process, the libraries at the run's
+    """Log to stdout: ``hf_memopt``, ``memopt_data`` and ``logger_names`` at INFO on the main process, the libraries at the run's
     log level; ``--disable_tqdm true`` also silences the tokenization and checkpoint-writing progress bars."""
     import datasets
     import transformers
@@ -62,7 +62,7 @@ def setup_logging(training_args: Any, *logger_names: str) -> None:
     )
     level = training_args.get_process_log_level()
     ours = min(level, logging.INFO) if training_args.should_log else level
-    for name in ("hf_memopt", *logger_names):
+    for name in ("hf_memopt", "memopt_data", *logger_names):
         logging.getLogger(name).setLevel(ours)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .._env import cache_root as _cache_root
+from hf_memopt._env import cache_root as _cache_root
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:

