@@ -217,13 +217,37 @@ def test_the_memory_launches_as_many_ops_for_many_tensors_as_for_few(flags):
 
 @needs("cpu")
 def test_a_kernel_whose_tables_are_laid_out_differently_is_refused(monkeypatch):
-    """The columns are named once, in the C source; the loader compares them with what it fills."""
+    """The columns are named in the C source and restated in cpu_kernel; the loader compares the two."""
     assert cpu_kernel.load().memopt_layout().decode() == cpu_kernel.COLUMNS.layout()
     swapped = cpu_kernel.Table("GRAD", "PARAM", *cpu_kernel.COLUMNS.step_ptrs.names[2:])
     monkeypatch.setattr(cpu_kernel.COLUMNS, "step_ptrs", swapped)
     cpu_kernel.load.cache_clear()
     try:
         with pytest.raises(cpu_kernel.LayoutMismatchError, match="step_ptrs:PARAM,GRAD,"):
+            cpu_kernel.load()
+    finally:
+        monkeypatch.undo()
+        cpu_kernel.load.cache_clear()
+    assert cpu_kernel.load() is not None
+
+
+@needs("cpu")
+@pytest.mark.parametrize(
+    "where, name, value",
+    [("aggregation", "sum", 5), ("rule", "REFRESH_INTERVAL", 64), ("rule", "CHUNK", 8192), ("rule", "MODE_EVICT", 3)],
+)
+def test_a_kernel_whose_numeric_codes_differ_is_refused(monkeypatch, where, name, value):
+    """Modes, aggregations, momentum kinds, the norm chunk and the refresh interval mean the same numbers in
+    Python and in C: the loader compares the library's ``memopt_codes()`` with ``cpu_kernel.codes()``."""
+    from hf_memopt.engine import rule
+
+    if where == "aggregation":
+        monkeypatch.setitem(cpu_kernel.AGGREGATION_CODES, name, value)
+    else:
+        monkeypatch.setattr(rule, name, value)
+    cpu_kernel.load.cache_clear()
+    try:
+        with pytest.raises(cpu_kernel.LayoutMismatchError, match="has the codes"):
             cpu_kernel.load()
     finally:
         monkeypatch.undo()

@@ -30,6 +30,9 @@ from .state import Ledger
 #: S is recomputed exactly from the slots every this many steps of a unit's clock (the "refresh"),
 #: so the rounding of the running ``S += stored - evicted`` cannot drift.
 REFRESH_INTERVAL = 128
+#: norms are fp64 sums of squares over fixed chunks of this many elements, added in chunk order (the C
+#: kernel, Triton and the "torch" executor's CPU norms alike), so that priorities agree bit for bit
+CHUNK = 16384
 
 MODE_NONE, MODE_FILL, MODE_EVICT = 0, 1, 2
 

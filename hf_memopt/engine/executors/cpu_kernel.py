@@ -10,10 +10,12 @@ carrying the compiler's messages instead.
 ``HF_MEMOPT_SANITIZE=address`` (or ``address,undefined``) builds an instrumented copy under another
 cache name, for a process that runs with the sanitizer runtime preloaded (``tests/sanitize/run_asan.py``).
 
-The per-unit tables the kernel reads are named once, in the C source's column lists; the
-library reports them (``memopt_layout``) and :func:`load` refuses a library whose layout is not
-the one this module fills (:data:`COLUMNS`). Python code fills columns by name:
-``q[:, COLUMNS.fused_ptrs.GRAD] = ...``.
+The per-unit tables the kernel reads are named in the C source's column lists and restated here
+(:data:`COLUMNS`); the library reports its own (``memopt_layout``), and :func:`load` refuses a library
+whose layout is not the one this module fills. Python code fills columns by name:
+``q[:, COLUMNS.fused_ptrs.GRAD] = ...``. The numeric codes both sides share (modes, aggregations,
+momentum kinds, the norm chunk, the refresh interval: :func:`codes`) are checked the same way
+(``memopt_codes``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..._env import REQUIRE_EXECUTORS_ENV, cache_root, env_flag, required_executors
+from .. import rule
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,22 @@ AGGREGATION_CODES = {"mean": 0, "sum": 1, "mid": 2}
 #: ``step_ints.MOMENTUM``: Adam(W) on the aggregate of g; Critical Momenta with m advanced in the loop;
 #: Critical Momenta with step, decay and m advanced by the caller (host decisions)
 MOMENTUM_NONE, MOMENTUM_LOOP, MOMENTUM_READY = 0, 1, 2
+
+
+def codes() -> str:
+    """The string ``memopt_codes()`` of a matching library returns: every number Python and C must agree on."""
+    values = {
+        "MODE_NONE": rule.MODE_NONE,
+        "MODE_FILL": rule.MODE_FILL,
+        "MODE_EVICT": rule.MODE_EVICT,
+        **{f"AGG_{name.upper()}": code for name, code in AGGREGATION_CODES.items()},
+        "MOMENTUM_NONE": MOMENTUM_NONE,
+        "MOMENTUM_LOOP": MOMENTUM_LOOP,
+        "MOMENTUM_READY": MOMENTUM_READY,
+        "CHUNK": rule.CHUNK,
+        "REFRESH_INTERVAL": rule.REFRESH_INTERVAL,
+    }
+    return ",".join(f"{k}={v}" for k, v in values.items())
 
 
 class LayoutMismatchError(RuntimeError):
@@ -244,6 +263,10 @@ def load() -> ctypes.CDLL | None:
         raise LayoutMismatchError(
             f"hf_memopt: {lib._name} has the table layout {found!r}, expected {COLUMNS.layout()!r}"
         )
+    lib.memopt_codes.restype = ctypes.c_char_p
+    found = lib.memopt_codes().decode()
+    if found != codes():
+        raise LayoutMismatchError(f"hf_memopt: {lib._name} has the codes {found!r}, expected {codes()!r}")
     fn = lib.memopt_adam_step
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int]

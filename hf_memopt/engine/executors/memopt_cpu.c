@@ -14,6 +14,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -54,7 +55,7 @@ static const char LAYOUT[] = "step_ptrs:" STEP_PTRS(AS_NAME) ";step_ints:" STEP_
 /* The table layout, for the loader's check: "table:COL,COL,...;table:..." */
 const char *memopt_layout(void) { return LAYOUT; }
 
-#define CHUNK 16384
+#define CHUNK 16384 /* hf_memopt.engine.rule.CHUNK */
 /* Chunks a thread takes per atomic fetch (fewer when that would leave under four runs per thread).
  * When two cores take alternate 64 KB chunks, each core's streams restart every chunk and a read-only
  * pass such as the norms falls well short of the machine's bandwidth; runs of 4 MB for the norm pass and
@@ -467,6 +468,18 @@ static float max_abs(const float *x, int64_t n) {
  * ints[u, J_GROUP]: >= 0 puts the unit in that priority group (key="group"), -1 means key="tensor".
  * out[u] = (mode, slot, refresh) for the caller's statistics and the exact refresh of S.
  * Returns 0 on success, -1 when memory for the work tables cannot be had. */
+/* The numeric codes Python, C and Triton share (named in hf_memopt.engine.rule and cpu_kernel), for the
+ * loader's check: "NAME=value,..." */
+const char *memopt_codes(void) {
+    static char codes[320];
+    snprintf(codes, sizeof codes,
+             "MODE_NONE=%d,MODE_FILL=%d,MODE_EVICT=%d,AGG_MEAN=%d,AGG_SUM=%d,AGG_MID=%d,MOMENTUM_NONE=%d,"
+             "MOMENTUM_LOOP=%d,MOMENTUM_READY=%d,CHUNK=%d,REFRESH_INTERVAL=%d",
+             MODE_NONE, MODE_FILL, MODE_EVICT, AGG_MEAN, AGG_SUM, AGG_MID, MOMENTUM_NONE, MOMENTUM_LOOP,
+             MOMENTUM_READY, CHUNK, REFRESH_INTERVAL);
+    return codes;
+}
+
 int memopt_adam_fused(int64_t n_units, const int64_t *q, const int64_t *ints, const double *floats,
                       const int64_t *numels, const int64_t *slot_ptrs, int64_t *out, int n_threads) {
     if (n_units == 0) return 0;
