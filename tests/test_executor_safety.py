@@ -410,7 +410,7 @@ def test_the_step_that_allocates_the_memory_reads_no_device_counter(executor, mo
     the "triton" executor's device counters is a synchronisation inside the step)."""
     params = make_params()
     opt = _opt(params, executor)
-    monkeypatch.setattr(opt._stats, "drain", lambda: pytest.fail("the step read the device counters"))
+    monkeypatch.setattr(opt._engine.stats, "drain", lambda: pytest.fail("the step read the device counters"))
     set_grads(params, _stream(1)[0])
     with caplog.at_level("INFO", logger="hf_memopt"):
         opt.step()

@@ -123,7 +123,7 @@ def load_pre_hook(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
         )
         logger.warning("hf_memopt: %s", message)
         warnings.warn(message, stacklevel=3)
-    optimizer._pending_memory = (memory, saved_ids)
+    optimizer._engine.pending_memory = (memory, saved_ids)
     out = {k: v for k, v in state_dict.items() if k != MEMORY_HOLDS}
     out["state"] = base
     out["param_groups"] = groups + saved_groups[len(groups) :]
@@ -250,10 +250,10 @@ def _describe(value: Any) -> str:
 
 def load_post_hook(optimizer: Any) -> None:
     """Put the memory back with the dtypes and devices of this run; warn where the checkpoint had none."""
-    memory, saved_ids = optimizer._pending_memory or ({}, [])
-    optimizer._pending_memory = None
-    optimizer._invalidate_layout()
-    optimizer._group_settings.clear()  # the groups are new dicts: what was seen of the old ones is void
+    memory, saved_ids = optimizer._engine.pending_memory or ({}, [])
+    optimizer._engine.pending_memory = None
+    optimizer._engine.invalidate()
+    optimizer._engine.group_settings.clear()  # the groups are new dicts: what was seen of the old ones is void
     # like torch: the i-th saved id belongs to the i-th parameter in param_groups order
     params = [p for g in optimizer.param_groups for p in g["params"]]
     position = {id(p): saved_ids[i] if i < len(saved_ids) else i for i, p in enumerate(params)}

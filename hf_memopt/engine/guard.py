@@ -146,13 +146,13 @@ def state_view(opt: Any, work: Any) -> StateView:
     key = ("state-view", work.index)
     tensors = _gather(opt, work)
     flags = group_flags(work.group)
-    cached = opt._executor_cache.get(key)
+    cached = opt._engine.cache.get(key)
     if cached is not None and cached.holds(tensors, flags):
         return cached
     check_state(opt, work)
     params = list(work.lists["params"])
     view = StateView(work.index, params, tensors, _ptrs(tensors), [local(p).nbytes for p in params], flags)
-    opt._executor_cache[key] = view
+    opt._engine.cache[key] = view
     return view
 
 
@@ -162,7 +162,7 @@ def check_counts(opt: Any, work: Any) -> None:
     in place, so this runs every step for groups decided on the host, before anything is written (Critical
     Momenta's momenta included); the C kernel's tables check it before each call, Triton's ``decide``
     clamps it."""
-    topc, state, ledgers = work.cfg.topc, opt.state, opt._ledgers
+    topc, state, ledgers = work.cfg.topc, opt.state, opt._engine.ledgers
     for p in work.lists["params"]:
         count = st.ledger_of(state[p], topc, ledgers).count
         if count.min() < 0 or count.max() > topc:

@@ -77,7 +77,7 @@ def plan_groups(
         # the vector has the same layout on every rank; otherwise only those with a gradient.
         for p in w.group["params"] if reducer is not None else lists["params"]:
             i = index.get(id(p))
-            bounds = opt._segments.get(id(p))
+            bounds = opt._engine.segments.get(id(p))
             for si, (start, numel) in enumerate(bounds or [(-1, -1)]):
                 if i is not None:
                     g = lists["grads"][i]
@@ -133,7 +133,9 @@ def plan_groups(
             continue
         cfg = w.cfg
         states = [opt.state[p] for _, (p, *_rest) in out]
-        rows = [(st.ledger_of(s, cfg.topc, opt._ledgers), si) for s, (_, (_p, _i, si, _start)) in zip(states, out)]
+        rows = [
+            (st.ledger_of(s, cfg.topc, opt._engine.ledgers), si) for s, (_, (_p, _i, si, _start)) in zip(states, out)
+        ]
         pri, at, count, clock = st.gather(rows)
         castable = None
         if max_abs is not None and (cfg.buffer_dtype is not None or w.admit is not None):

@@ -56,7 +56,7 @@ def run_step(opt: Any, works: list[Work], requested: str) -> None:
             w.view = state_view(opt, w)
     for w in works:
         w.executor = select_executor(requested, opt, w)
-        opt._ran[w.index] = w.executor.name
+        opt._engine.ran[w.index] = w.executor.name
     memory = [w for w in works if w.cfg.kappa > 0.0]
     host = [w for w in memory if w.lists["params"] and w.executor.decides_on_host(opt, w)]
     for w in host:

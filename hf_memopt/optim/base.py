@@ -14,13 +14,13 @@ import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ..config import MemoryConfig
 from ..engine import checkpoint
 from ..engine import state as st
+from ..engine.context import EngineState
 from ..engine.executors import check_executor_name
 from ..engine.step import Work, run_step
 from .updates import BaseUpdate
@@ -48,22 +48,12 @@ class MemoryAugmentedOptimizer:
             raise ValueError(f"save_memory must be True or False; got {save_memory!r}")
         #: False: ``state_dict()`` leaves the memory out (smaller checkpoints; resume starts it empty)
         self.save_memory = save_memory
-        self._ledgers: dict[int, st.Ledger] = {}
-        #: states whose ledger lives on a device (the "triton" executor): id(priority_0) -> (priority_0, ledger, row, units)
-        self._device_ledgers: dict[int, tuple[Tensor, Any, int, int]] = {}
-        self._segments: dict[int, list[tuple[int, int]]] = {}
-        self._stats = _Stats()
-        self._ran: dict[int, str] = {}
-        self._pending_memory: tuple[dict[Any, dict[str, Any]], list[Any]] | None = None
+        #: the memory engine's bookkeeping (ledgers, segments, executors' caches, counters): one typed object
+        self._engine = EngineState()
         #: turns local squared norms into full-tensor ones under sharding; see ``hf_memopt.distributed``
         self.norm_reducer: st.NormReducer | None = None
         self._auto_reducer_checked = False
-        #: executors' per-group caches (e.g. the CPU kernel's columns), dropped when the layout changes
-        self._executor_cache: dict[Any, Any] = {}
-        self._layout_version = 0
         self._size_logged = False
-        #: per param group (by id): the (topc, buffer_dtype, memory on, layout version) it was last checked against
-        self._group_settings: dict[int, tuple[int, torch.dtype | None, bool, int]] = {}
 
     def _finish_setup(self) -> None:
         """Call after the torch counterpart's ``__init__``."""
@@ -74,12 +64,6 @@ class MemoryAugmentedOptimizer:
         self.register_load_state_dict_pre_hook(checkpoint.load_pre_hook)  # type: ignore[attr-defined]
         self.register_load_state_dict_post_hook(checkpoint.load_post_hook)  # type: ignore[attr-defined]
         self.register_state_dict_post_hook(checkpoint.state_dict_post_hook)  # type: ignore[attr-defined]
-
-    def _invalidate_layout(self) -> None:
-        """Drop everything cached about the state's layout (after a load, a new group, new segments)."""
-        self._layout_version = getattr(self, "_layout_version", 0) + 1
-        self._executor_cache = {}
-        self._ledgers = {}
 
     # -- copies and pickles -------------------------------------------------------------
 
@@ -95,8 +79,9 @@ class MemoryAugmentedOptimizer:
         out = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k not in _REBUILT}
         params = [p for g in self.param_groups for p in g["params"]]
         out["_segments_by_position"] = {
-            i: list(self._segments[id(p)]) for i, p in enumerate(params) if id(p) in self._segments
+            i: list(self._engine.segments[id(p)]) for i, p in enumerate(params) if id(p) in self._engine.segments
         }
+        out["_engine_carried"] = self._engine.copy_for({})  # counters and executor names, no object ids
         return out
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -106,15 +91,12 @@ class MemoryAugmentedOptimizer:
             return
         state = dict(state)
         by_position = state.pop("_segments_by_position")
+        carried = state.pop("_engine_carried")
         super().__setstate__(state)  # type: ignore[misc]  # torch: empty hook tables, the step's profiler patch
         params = [p for g in self.param_groups for p in g["params"]]
-        self._segments = {id(params[i]): segs for i, segs in by_position.items() if i < len(params)}
-        self._device_ledgers = {}
-        self._group_settings = {}
-        self._pending_memory = None
+        self._engine = carried.copy_for({id(params[i]): segs for i, segs in by_position.items() if i < len(params)})
         self.norm_reducer = None
         self._auto_reducer_checked = False
-        self._invalidate_layout()
         self.register_load_state_dict_pre_hook(checkpoint.load_pre_hook)  # type: ignore[attr-defined]
         self.register_load_state_dict_post_hook(checkpoint.load_post_hook)  # type: ignore[attr-defined]
         self.register_state_dict_post_hook(checkpoint.state_dict_post_hook)  # type: ignore[attr-defined]
@@ -139,7 +121,7 @@ class MemoryAugmentedOptimizer:
         param_group["params"] = params
         super().add_param_group(param_group)  # type: ignore[misc]
         self._auto_reducer_checked = False
-        self._invalidate_layout()
+        self._engine.invalidate()
 
     def bind_segments(self, param: Tensor, segments: list[tuple[int, int]] | None) -> None:
         """Give ``param`` (a flat partition) one memory unit per ``(start, numel)`` segment.
@@ -158,10 +140,10 @@ class MemoryAugmentedOptimizer:
                     "were given; bind before the first optimizer step"
                 )
         if segments:
-            self._segments[id(param)] = [(int(s), int(n)) for s, n in segments]
+            self._engine.segments[id(param)] = [(int(s), int(n)) for s, n in segments]
         else:
-            self._segments.pop(id(param), None)
-        self._invalidate_layout()
+            self._engine.segments.pop(id(param), None)
+        self._engine.invalidate()
 
     # -- the step -----------------------------------------------------------------------
 
@@ -201,7 +183,7 @@ class MemoryAugmentedOptimizer:
                 for p in lists["params"]:
                     state = self.state[p]
                     if "memory_sum" not in state:
-                        st.init_state(p, state, cfg, len(st.segments_of(p, self._segments.get(id(p)))))
+                        st.init_state(p, state, cfg, len(st.segments_of(p, self._engine.segments.get(id(p)))))
                         allocated = True
             works.append(Work(index, group, cfg, lists, extra, update))
         run_step(self, works, self.executor)
@@ -210,7 +192,9 @@ class MemoryAugmentedOptimizer:
             # sizes only: memory_stats() would read the device counters (a sync inside the step)
             states = [s for s in self.state.values() if s]
             state_bytes = sum(st.tensor_bytes(s.values()) for s in states)
-            memory_bytes = sum(st.memory_bytes(s, _ledger_width(s, self._ledgers)) for s in states if "memory_sum" in s)
+            memory_bytes = sum(
+                st.memory_bytes(s, _ledger_width(s, self._engine.ledgers)) for s in states if "memory_sum" in s
+            )
             logger.info(
                 "hf_memopt: %s holds %.3g GB of optimizer state on this process (%.3g GB of it the memory)",
                 type(self).__name__,
@@ -230,8 +214,8 @@ class MemoryAugmentedOptimizer:
                 f"{where}: differentiable=True is not supported with the memory on (kappa > 0): admission "
                 "decisions are not differentiable; use kappa=0 or differentiable=False"
             )
-        seen = (cfg.topc, cfg.buffer_dtype, memory_on, self._layout_version)
-        if self._group_settings.get(id(group), (None,))[:4] != seen:
+        seen = (cfg.topc, cfg.buffer_dtype, memory_on, self._engine.layout_version)
+        if self._engine.group_settings.get(id(group), (None,))[:4] != seen:
             # once per change of the settings or of the layout (a load, a new group), not per step
             if memory_on and any(torch.is_complex(p) for p in group["params"]):
                 raise ValueError(
@@ -240,8 +224,13 @@ class MemoryAugmentedOptimizer:
                     "real (torch.view_as_real)"
                 )
             if _edited_memory(self, index, group, cfg):
-                self._invalidate_layout()
-            self._group_settings[id(group)] = (cfg.topc, cfg.buffer_dtype, memory_on, self._layout_version)
+                self._engine.invalidate()
+            self._engine.group_settings[id(group)] = (
+                cfg.topc,
+                cfg.buffer_dtype,
+                memory_on,
+                self._engine.layout_version,
+            )
         return cfg
 
     def _reducer(self) -> st.NormReducer | None:
@@ -257,9 +246,9 @@ class MemoryAugmentedOptimizer:
     def _stats_ledger(self, state: dict[str, Any], snapshots: dict[int, st.Ledger]) -> st.Ledger:
         """The ledger rows of ``state`` for reading: a copy of a device ledger (one transfer per table per
         call, the state stays bound to the device), else the host ledger."""
-        bound = self._device_ledgers.get(id(state["priority_0"]))
+        bound = self._engine.device_ledgers.get(id(state["priority_0"]))
         if bound is None or bound[0] is not state["priority_0"]:
-            return st.ledger_of(state, _ledger_width(state, self._ledgers), self._ledgers)
+            return st.ledger_of(state, _ledger_width(state, self._engine.ledgers), self._engine.ledgers)
         _anchor, ledger, row, units = bound
         snap = snapshots.get(id(ledger))
         if snap is None:
@@ -286,7 +275,7 @@ class MemoryAugmentedOptimizer:
                     f"executor_for: param group index {index} out of range ({len(self.param_groups)} groups)"
                 )
             index %= len(self.param_groups)
-        return self._ran.get(index)
+        return self._engine.ran.get(index)
 
     def memory_stats(self, reset: bool = True, reader: str = "user") -> dict[str, Any]:
         """Plain numbers about the memory, for logs.
@@ -300,7 +289,7 @@ class MemoryAugmentedOptimizer:
         logs read as ``"MemOptTrainer"``, so a call from user code takes no counts away from them).
         ``reset=False`` leaves this reader's counters running.
         """
-        admitted, rejected = self._stats.since(reader, reset)
+        admitted, rejected = self._engine.stats.since(reader, reset)
         stored = capacity = 0
         age_sum = 0
         memory_bytes = state_bytes = 0
@@ -331,23 +320,12 @@ class MemoryAugmentedOptimizer:
             "mean_age": age_sum / stored if stored else 0.0,
             "memory_bytes": memory_bytes,
             "state_bytes": state_bytes,
-            "executor": ",".join(sorted(set(self._ran.values()))),
+            "executor": ",".join(sorted(set(self._engine.ran.values()))),
         }
 
 
 #: attributes not carried by copies and pickles: rebuilt from the state (see ``__getstate__``)
-_REBUILT = frozenset(
-    {
-        "_ledgers",
-        "_device_ledgers",
-        "_executor_cache",
-        "_segments",
-        "_group_settings",
-        "_pending_memory",
-        "norm_reducer",
-        "_auto_reducer_checked",
-    }
-)
+_REBUILT = frozenset({"_engine", "norm_reducer", "_auto_reducer_checked"})
 
 
 def _edited_memory(opt: MemoryAugmentedOptimizer, index: int, group: dict[str, Any], cfg: MemoryConfig) -> bool:
@@ -359,8 +337,8 @@ def _edited_memory(opt: MemoryAugmentedOptimizer, index: int, group: dict[str, A
     place could not keep the rule: the stored gradients were ranked against ``topc`` others, and a cast of
     the stored values is not what admitting them in the new dtype would have stored.
     """
-    previous = opt._group_settings.get(id(group))
-    if previous is not None and previous[3] != opt._layout_version:
+    previous = opt._engine.group_settings.get(id(group))
+    if previous is not None and previous[3] != opt._engine.layout_version:
         previous = None  # recorded before a load or a new group: not this group's history
     changed: dict[str, tuple[Any, Any]] = {}
     states = []
@@ -380,7 +358,7 @@ def _edited_memory(opt: MemoryAugmentedOptimizer, index: int, group: dict[str, A
     if not changed:
         return False
     for state in states:
-        opt._device_ledgers.pop(id(state.get("priority_0")), None)
+        opt._engine.device_ledgers.pop(id(state.get("priority_0")), None)
         for key in [k for k in state if st.is_memory_key(k)]:
             del state[key]
     edits = ", ".join(f"{k} {_shown(old)} -> {_shown(new)}" for k, (old, new) in changed.items())
@@ -408,44 +386,3 @@ def _ledger_width(state: dict[str, Any], ledgers: dict[int, st.Ledger]) -> int:
     while f"priority_{topc}" in state:
         topc += 1
     return topc
-
-
-class _Stats:
-    """Admission counters: running totals since the optimizer was built, and where each reader last reset."""
-
-    def __init__(self) -> None:
-        self.admitted = 0
-        self.rejected = 0
-        #: reader -> (admitted, rejected) totals at its last reset
-        self.marks: dict[str, tuple[int, int]] = {}
-        #: device counters [admitted, rejected] kept by executors that decide on a device
-        self.device: dict[torch.device, Tensor] = {}
-
-    def counters(self, device: torch.device) -> Tensor:
-        """The int64 [admitted, rejected] counters on ``device`` (the "triton" executor adds to them)."""
-        t = self.device.get(device)
-        if t is None:
-            t = self.device[device] = torch.zeros(2, dtype=torch.int64, device=device)
-        return t
-
-    def drain(self) -> None:
-        """Move the device counters into the totals (the transfer, only when the counts are read)."""
-        for t in self.device.values():
-            admitted, rejected = t.tolist()
-            self.admitted += admitted
-            self.rejected += rejected
-            t.zero_()
-
-    def record(self, modes: np.ndarray) -> None:
-        """Count one step's decisions (``modes``: MODE_NONE / MODE_FILL / MODE_EVICT per unit)."""
-        admitted = int(np.count_nonzero(modes))
-        self.admitted += admitted
-        self.rejected += len(modes) - admitted
-
-    def since(self, reader: str, reset: bool) -> tuple[int, int]:
-        """(admitted, rejected) since ``reader``'s last reset; ``reset`` starts its next count here."""
-        self.drain()
-        base_admitted, base_rejected = self.marks.get(reader, (0, 0))
-        if reset:
-            self.marks[reader] = (self.admitted, self.rejected)
-        return self.admitted - base_admitted, self.rejected - base_rejected

@@ -88,7 +88,7 @@ class CpuExecutor:
 
     def decides_on_host(self, opt: Any, work: Any) -> bool:
         """Host decisions under a norm reducer or with segments; else the whole step runs in C."""
-        return opt.norm_reducer is not None or any(id(p) in opt._segments for p in work.lists["params"])
+        return opt.norm_reducer is not None or any(id(p) in opt._engine.segments for p in work.lists["params"])
 
     def run(self, opt: Any, works: Sequence[Any]) -> None:
         whole = [w for w in works if w.plan is None]
@@ -133,10 +133,10 @@ def _dense(t: Tensor, dtype: torch.dtype) -> bool:
 def _fused_table(opt: Any, work: Any) -> _FusedTable:
     """The group's cached kernel columns with this step's addresses."""
     args = work.update.kernel_args(work.group, work.lists)
-    table = opt._executor_cache.get(("cpu", work.index))
+    table = opt._engine.cache.get(("cpu", work.index))
     if table is None or not table.still_valid(opt, work):
         table = _FusedTable(opt, work, args)
-        opt._executor_cache[("cpu", work.index)] = table
+        opt._engine.cache[("cpu", work.index)] = table
     # Gradients are new tensors every step (zero_grad(set_to_none=True)): their addresses are read every
     # step. Everything else the table holds is the view's (see hf_memopt.engine.guard).
     if args.momentum:
@@ -180,7 +180,7 @@ def _run_whole_step(opt: Any, tables: list[_FusedTable]) -> None:
     row = 0
     for t in tables:
         n = len(t.numels)
-        opt._stats.record(out[row : row + n, 0])
+        opt._engine.stats.record(out[row : row + n, 0])
         for u in np.flatnonzero(out[row : row + n, 2]):
             state = t.states[u]
             slots = [st.local_tensor(state[k]) for k in st.slot_keys(t.topc)]
@@ -206,7 +206,7 @@ class _FusedTable:
     def __init__(self, opt: Any, work: Any, args: Any) -> None:
         cfg = work.cfg
         self.view, self.group = work.view, work.group
-        self.version, self.state_obj = opt._layout_version, opt.state
+        self.version, self.state_obj = opt._engine.layout_version, opt.state
         self.params = list(work.lists["params"])
         self.topc = cfg.topc
         self.states = [opt.state[p] for p in self.params]
@@ -236,7 +236,7 @@ class _FusedTable:
             tensors = [lp, *moments, s, *([vmax] if vmax is not None else [])]
             # unavailable() judged this state (contiguous fp32, slots of the buffer dtype) and the guard
             # checked every size against the parameter's: what follows reads inside those buffers
-            led = st.ledger_of(state, cfg.topc, opt._ledgers)
+            led = st.ledger_of(state, cfg.topc, opt._engine.ledgers)
             self.ledgers.append(led)
             self.anchors.append(state["priority_0"])
             self.anchor_ptrs.append(led.priorities.ctypes.data)
@@ -284,7 +284,7 @@ class _FusedTable:
         ledgers (a load, or another executor's step, rebinds the scalars to new tables)."""
         return (
             self.view is work.view
-            and self.version == opt._layout_version
+            and self.version == opt._engine.layout_version
             and self.state_obj is opt.state
             and all(s["priority_0"] is a for s, a in zip(self.states, self.anchors))
             and list(map(Tensor.data_ptr, self.anchors)) == self.anchor_ptrs
@@ -325,7 +325,7 @@ def _run_planned(opt: Any, works: Sequence[Any]) -> None:
         for j, (p, i, si, start) in enumerate(plan.units):
             state = plan.states[j]
             lp = st.local_tensor(p)
-            numel = lp.numel() if start < 0 else opt._segments[id(p)][si][1]
+            numel = lp.numel() if start < 0 else opt._engine.segments[id(p)][si][1]
             off = 4 * max(start, 0)
             row = [0] * len(P)
             row[P.PARAM] = lp.data_ptr() + off

@@ -116,7 +116,7 @@ def _memory_step(opt: Any, works: Sequence[Any]) -> dict[int, list[Tensor]]:
             state = plan.states[j]
             g = grads[i]
             whole = start < 0
-            numel = -1 if whole else opt._segments[id(p)][si][1]
+            numel = -1 if whole else opt._engine.segments[id(p)][si][1]
             g_view = st.unit_view(g, start, numel, whole)
             s_view = st.unit_view(state["memory_sum"], start, numel, whole)
             if cg[j] != 1.0 or cs[j] != 0.0:
@@ -187,7 +187,7 @@ def _memory_step(opt: Any, works: Sequence[Any]) -> dict[int, list[Tensor]]:
 def commit(opt: Any, w: Any) -> None:
     """Commit ``w``'s host decisions to its ledgers (admissions recorded, priorities decayed) and count them."""
     w.plan.commit(w.cfg)
-    opt._stats.record(w.plan.d.mode)
+    opt._engine.stats.record(w.plan.d.mode)
 
 
 def _add_scaled(a: list[Tensor], batch: _Batch) -> None:

@@ -171,7 +171,7 @@ class TritonExecutor:
     def _decide(self, opt: Any, lay: Layout, sq: Tensor) -> None:
         """One ``decide`` per param group: decisions into ``lay.dec``, the ledger committed, counters added."""
         k = kernels()
-        stats = opt._stats.counters(lay.device)
+        stats = opt._engine.stats.counters(lay.device)
         for g in lay.groups:
             k.decide[(1,)](
                 sq,
@@ -297,11 +297,11 @@ class TritonExecutor:
         reducer = opt.norm_reducer
         key = (
             "triton",
-            opt._layout_version,
+            opt._engine.layout_version,
             reducer is not None,
             tuple((w.index, tuple(map(id, w.lists["params"]))) for w in works),
         )
-        lay = opt._executor_cache.get(key)
+        lay = opt._engine.cache.get(key)
         if lay is not None:
             for w in works:  # the ledgers first: a rebound one makes the layout stale
                 group_ledger(opt, w.index, w.group, w.cfg.topc, lay.device)
@@ -312,7 +312,7 @@ class TritonExecutor:
                 "group flag); take a few eager steps before capturing, and change nothing between captured steps",
             )
             lay = build_layout(opt, works, reducer)
-            opt._executor_cache[key] = lay
+            opt._engine.cache[key] = lay
         return lay
 
 
@@ -342,7 +342,7 @@ def _adam_scalars(opt: Any, w: Any) -> dict[str, float] | None:
     executor knows their value while their version counters say nothing else wrote them."""
     args = w.update.kernel_args(w.group, w.lists)
     key = ("triton-steps", w.index)
-    known = opt._executor_cache.get(key)
+    known = opt._engine.cache.get(key)
     ids = tuple(map(id, args.steps))
     if known is not None and known[0] == ids and known[1] == tuple(s._version for s in args.steps):
         count = known[2]
@@ -353,7 +353,7 @@ def _adam_scalars(opt: Any, w: Any) -> dict[str, float] | None:
         count = counts[0]
     torch._foreach_add_(args.steps, 1)
     t = count + 1
-    opt._executor_cache[key] = (ids, tuple(s._version for s in args.steps), t)
+    opt._engine.cache[key] = (ids, tuple(s._version for s in args.steps), t)
     step_size, bc2_sqrt = args.bias_corrections(t)
     return dict(
         p_scale=1 - args.lr * args.weight_decay,

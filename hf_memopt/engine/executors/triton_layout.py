@@ -126,7 +126,7 @@ class Layout:
         if len(works) != len(self.views) or any(w.view is not v for w, v in zip(works, self.views)):
             return False
         for g in self.groups:
-            cached = opt._executor_cache.get(("triton-ledger", g.index))
+            cached = opt._engine.cache.get(("triton-ledger", g.index))
             if cached is None or cached[0] is not g.ledger:
                 return False
         return all(s.get("priority_0") is pri and s.get("memory_sum") is ms for s, pri, ms in self.anchors)
@@ -164,7 +164,7 @@ def adam_eligible(opt: Any, w: Any) -> bool:
     u = w.update
     if u.stores_momentum or not u.cpu_kernel or u.kernel_unavailable(w.group) is not None:
         return False
-    if any(opt._segments.get(id(p)) for p in w.lists["params"]):
+    if any(opt._engine.segments.get(id(p)) for p in w.lists["params"]):
         return False
     tensors = [*w.lists["params"], *w.lists["grads"]]
     if any(st.local_tensor(t).dtype != torch.float32 for t in tensors):
@@ -196,7 +196,7 @@ def group_ledger(opt: Any, index: int, group: dict[str, Any], topc: int, device:
     """The device ledger of param group ``index``: cached while every memory state of the group points at it
     (a new parameter's first memory, a load or another executor's step rebinds it)."""
     key = ("triton-ledger", index)
-    cached = opt._executor_cache.get(key)
+    cached = opt._engine.cache.get(key)
     if cached is not None:
         ledger, bound, ptrs = cached
         current = [opt.state[p]["priority_0"] for p in group["params"] if "memory_sum" in opt.state.get(p, {})]
@@ -206,7 +206,7 @@ def group_ledger(opt: Any, index: int, group: dict[str, Any], topc: int, device:
                 return ledger
     ledger = _bind_group_ledger(opt, group, topc, device)
     bound = [opt.state[p]["priority_0"] for p in group["params"] if "memory_sum" in opt.state.get(p, {})]
-    opt._executor_cache[key] = (ledger, bound, [t.data_ptr() for t in bound])
+    opt._engine.cache[key] = (ledger, bound, [t.data_ptr() for t in bound])
     return ledger
 
 
@@ -236,7 +236,7 @@ def _bind_group_ledger(opt: Any, group: dict[str, Any], topc: int, device: torch
         count.append(state["memory_count"].detach().reshape(units).to(device, torch.int64))
         clock.append(state["memory_clock"].detach().reshape(units).to(device, torch.int64))
         first[id(p)] = rows
-        opt._device_ledgers.pop(id(anchor), None)
+        opt._engine.device_ledgers.pop(id(anchor), None)
         states.append((p, state, units))
         rows += units
     ledger = DeviceLedger(torch.cat(pri), torch.cat(at), torch.cat(count), torch.cat(clock), first)
@@ -249,7 +249,7 @@ def _bind_group_ledger(opt: Any, group: dict[str, Any], topc: int, device: torch
             ledger.count[r : r + units],
             ledger.clock[r : r + units],
         )
-        opt._device_ledgers[id(state["priority_0"])] = (state["priority_0"], ledger, r, units)
+        opt._engine.device_ledgers[id(state["priority_0"])] = (state["priority_0"], ledger, r, units)
     return ledger
 
 
@@ -281,7 +281,7 @@ def build_layout(opt: Any, works: Sequence[Any], reducer: Any) -> Layout:
             state = opt.state[p]
             anchors.append((state, state["priority_0"], state["memory_sum"]))
             x = st.local_tensor(xs[i])
-            bounds = opt._segments.get(id(p))
+            bounds = opt._engine.segments.get(id(p))
             offset = a_numel.get(x.dtype, 0)
             a_numel[x.dtype] = offset + x.numel()
             regions[(wi, i)] = (x.dtype, offset, bool(bounds), x.numel())
@@ -389,7 +389,7 @@ def _reducer_layout(opt: Any, works: Sequence[Any], lay: Layout) -> None:
         if MemoryConfig.from_group(group).kappa == 0.0:
             continue
         for p in group["params"]:
-            for si in range(len(opt._segments.get(id(p)) or [None])):
+            for si in range(len(opt._engine.segments.get(id(p)) or [None])):
                 position[(id(p), si)] = len(lay.reducer_units)
                 lay.reducer_units.append((p, si))
     pos = [position[(id(p), si)] for _wi, _i, p, si, _s, _n in lay.units]
