@@ -19,6 +19,7 @@ from test_rule_matrix import assert_same_memory, assert_same_params
 
 import hf_memopt
 from hf_memopt.engine.executors import triton as triton_executor
+from hf_memopt.engine.executors import triton_runtime
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda")
@@ -240,6 +241,8 @@ def test_cast_limit_is_where_a_cast_overflows():
 def test_adam_flags_run_torchs_own_update_on_the_aggregates(name, flags):
     """By default Adam/AdamW update inside the kernel's pass; a foreach/fused flag asks for torch's own
     implementation, which then runs on the aggregates: the same steps as the "torch" executor's."""
+    if triton_runtime.interpreted_fma_rounded_twice():  # bit-exact needs the aggregate's one FMA rounding
+        pytest.skip("Triton 3.6's interpreter rounds tl.fma twice (a multiply, then an add; fixed by 3.9)")
     params, twin = make_params(), make_params()
     kw = dict(OPTIMIZERS[name], topc=2, decay=0.8, **flags)
     opt = getattr(hf_memopt, name)(params, executor="triton", **kw)

@@ -56,7 +56,8 @@ CHUNK = 16384
 #: elements per inner iteration of a chunk
 BLOCK = 1024
 #: elements per inner iteration of ``apply`` with its Adam update: the update holds six values per
-#: element (x, S, p, m, v, max v); at 1024 it took 195 registers on sm_90, at 512 about 106
+#: element (x, S, p, m, v, max v); at 1024 it took 195 registers on sm_90, at 512 (and 32-bit offsets
+#: within a chunk) 70-90, with 16-byte accesses still (4 fp32 values per thread at 4 warps)
 ADAM_BLOCK = 512
 #: the register budget ``apply`` is compiled with (its ``maxnreg``). It needs 48-90; without a budget,
 #: ptxas 13 under Triton 3.9's ``--regAllocOptLevel=2`` spilled 8-16 bytes at 48-72 registers in some

@@ -74,6 +74,13 @@ def fma_rounded_twice(triton_version: str) -> bool:
     return version_tuple(triton_version) < (3, 7, 0)
 
 
+def interpreted_fma_rounded_twice() -> bool:
+    """Whether the kernels run under an interpreter that rounds ``tl.fma`` twice (the loaded Triton's: see
+    :func:`fma_rounded_twice`): bit-exact comparisons with torch's FMAs do not hold there."""
+    k = kernels()
+    return k is not None and _interpreted and fma_rounded_twice(k.triton.__version__)
+
+
 def _load() -> tuple[Any, str | None]:
     try:
         import triton
