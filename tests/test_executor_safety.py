@@ -253,6 +253,30 @@ def test_a_memory_count_edited_out_of_range_raises_before_anything_is_written(ex
     _assert_unchanged(before, _snapshot(opt, params))
 
 
+@needs("triton")
+@pytest.mark.parametrize("count, clamped", [(7, 3), (-1, 0)])
+def test_a_memory_count_edited_out_of_range_is_clamped_on_the_device(count, clamped):
+    """The "triton" executor reads its ledger on the device only: a count outside [0, topc] is clamped into it
+    (never an index past the slots), and the run continues as the "torch" executor does from the clamped
+    count."""
+    stream = _stream(8)
+    params, twin = make_params(), make_params()
+    opt = _opt(params, "triton")
+    _run(opt, params, stream[:4])
+    ref = _opt(twin, "torch")
+    with torch.no_grad():
+        for p, q in zip(params, twin):
+            q.copy_(p)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.state[params[2]]["memory_count"].fill_(count)
+    ref.state[twin[2]]["memory_count"].fill_(clamped)
+    _run(opt, params, stream[4:])
+    _run(ref, twin, stream[4:])
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p.detach(), q.detach())
+    _assert_same(_memory(opt, params), _memory(ref, twin), exact=False)
+
+
 @pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize(
     "edit",

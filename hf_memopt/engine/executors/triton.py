@@ -18,13 +18,18 @@ state bound elsewhere (a load, another executor's step) is gathered onto the dev
 step; another executor gathers it back the same way. Admission counters for ``memory_stats()`` are device
 counters, read only when it is called.
 
-Host work per step is Python bookkeeping only: the kernels' pointer tables are cached, and a table
-whose addresses changed (new gradient tensors) is copied from pinned memory without blocking. Nothing
-reads a device value, so the step can be captured in a CUDA graph (``capturable=True``).
+Host work per step is Python bookkeeping only: the state guard (:mod:`hf_memopt.engine.guard`: the
+tables are keyed on the state view it validated), the kernels' pointer tables, cached, and a table
+whose addresses changed (new gradient tensors) copied from pinned memory without blocking. Nothing
+reads a device value, so the step can be captured in a CUDA graph (``capturable=True``); a table that
+would have to be built during a capture is an error that says what to do.
 
 Exactness: decisions, slots and S equal the "torch" executor's; priorities too, except where an fp64
-norm sits within ~1e-16 of an fp32 rounding boundary (see :mod:`.triton_kernels`); parameters agree to
-the last bits (the aggregate of a bf16 gradient is rounded like torch's; the FMA is torch's).
+norm sits within ~1e-16 of an fp32 rounding boundary (see :mod:`.triton_kernels`). Parameters: under
+the interpreter (the tests) the kernels' explicit ``tl.fma`` is torch's CPU ``add_(alpha=)``, so they
+agree to the last bits; compiled for a GPU, Triton also contracts the other multiply-adds (the Adam
+update's ``v`` and the decoupled decay) into FMAs (``enable_fp_fusion=True``), so parameters there agree
+with torch's to a few ulps, not bit for bit; decisions, slots and S are unaffected.
 
 Runs CUDA tensors, and CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before the
 first use), which is how the tests hold it to SPEC section 1 without a GPU.

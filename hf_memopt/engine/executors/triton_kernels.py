@@ -52,7 +52,7 @@ import triton.language as tl
 from .. import rule
 
 #: elements per chunk (as the CPU kernel's ``CHUNK``)
-CHUNK = 16384
+CHUNK = rule.CHUNK
 #: elements per inner iteration of a chunk
 BLOCK = 1024
 #: elements per inner iteration of ``apply`` with its Adam update: the update holds six values per
@@ -255,7 +255,9 @@ def decide(
         if CHECK_CAST:
             storable = storable & (tl.load(unit_max + u, mask=m, other=0.0) < thr)
         row = tl.load(rows + offs, mask=m, other=0)
-        n = tl.load(count + row, mask=m, other=0)
+        # clamped: a count edited in place outside [0, topc] would index slots and coefficients that do not
+        # exist (the host executors raise on it; this one cannot read it without a synchronisation)
+        n = tl.minimum(tl.maximum(tl.load(count + row, mask=m, other=0), 0), topc)
         clk = tl.load(clock + row, mask=m, other=0)
         grid2 = m[:, None] & in_c[None, :]
         p = tl.load(pri + row[:, None] * topc + cols[None, :], mask=grid2, other=float("inf"))
