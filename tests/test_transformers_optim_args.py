@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
         ("memopt_adamw", "tpoc=5", "unknown key 'tpoc' for memopt_adamw. Did you mean 'topc'?"),
         ("memopt_adamw", "momentum=0.9", "unknown key 'momentum' for memopt_adamw"),
         ("memopt_sgd", "amsgrad=true", "unknown key 'amsgrad' for memopt_sgd"),
-        ("memopt_adamw", "topc=0", "topc must be an int >= 1; got 0"),
+        ("memopt_adamw", "topc=0", "topc must be an int >= 1 (a Python or numpy integer); got 0"),
         ("memopt_adamw", "topc=2.5", "topc must be an integer; got '2.5'"),
         ("memopt_adamw", "decay=1.5", "decay must be a number with 0 < decay <= 1"),
         ("memopt_adamw", "decay=abc", "decay must be a number; got 'abc'"),
