@@ -28,8 +28,12 @@ for version in "${VERSIONS[@]}"; do
     if [ ! -x "$venv/bin/python" ]; then
         "$PYTHON" -m venv --system-site-packages "$venv"
     fi
+    # [hub-kernels]: the `kernels` that this transformers accepts goes into the venv too. Without it the
+    # venv sees the base environment's `kernels` (whatever the newest transformers pulled in), which an
+    # older transformers fails to import with (5.0.0 with kernels 0.19: "Either a revision or a version
+    # must be specified").
     timeout 300 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "transformers==$version" "torch==$TORCH_VERSION"
+        "transformers[hub-kernels]==$version" "torch==$TORCH_VERSION"
     found="$("$venv/bin/python" -c 'import transformers; print(transformers.__version__)')"
     if [ "$found" != "$version" ]; then
         echo "expected transformers $version in $venv, found $found" >&2
