@@ -174,9 +174,15 @@ def _run_whole_step(opt: Any, tables: list[_FusedTable]) -> None:
             ints[row : row + n, j.GROUP] = np.where(ints[row : row + n, j.GROUP] >= 0, gi, -1)
             row += n
             slot_off += len(t.slot_ptrs)
-    for t in tables:
-        t.check_counts()
-    out = cpu_kernel.adam_fused(q, ints, floats, numels, slot_ptrs, cpu_kernel.kernel_threads())
+    try:
+        out = cpu_kernel.adam_fused(q, ints, floats, numels, slot_ptrs, cpu_kernel.kernel_threads())
+    except cpu_kernel.CountOutOfRangeError as err:  # checked in C before anything is written
+        unit = err.unit
+        for t in tables:
+            if unit < len(t.numels):
+                t.count_error(unit)
+            unit -= len(t.numels)
+        raise
     row = 0
     for t in tables:
         n = len(t.numels)
@@ -259,17 +265,14 @@ class _FusedTable:
         self.floats[:, H.KAPPA] = cfg.kappa
         self.floats[:, H.DECAY] = cfg.decay
 
-    def check_counts(self) -> None:
-        """Every ``memory_count`` in [0, topc]: the kernel indexes slots by it, and the scalars are the user's
-        to edit in place (a few reads per tensor, before the kernel writes anything)."""
-        counts = np.fromiter((led.count[0] for led in self.ledgers), dtype=np.int64, count=len(self.ledgers))
-        bad = np.flatnonzero((counts < 0) | (counts > self.topc))
-        if len(bad):
-            j = int(bad[0])
-            raise ValueError(
-                f"{where(self.view.index, self.group, self.params[j])}: its memory_count of {counts[j]} is outside "
-                f"[0, topc={self.topc}] (the state was edited by hand); nothing was written"
-            )
+    def count_error(self, j: int) -> None:
+        """Raise the error of unit ``j``'s ``memory_count`` outside [0, topc] (the kernel checks every count
+        before it writes anything: the scalars are the user's to edit in place)."""
+        count = int(self.ledgers[j].count[0])
+        raise ValueError(
+            f"{where(self.view.index, self.group, self.params[j])}: its memory_count of {count} is outside "
+            f"[0, topc={self.topc}] (the state was edited by hand); nothing was written"
+        )
 
     def check_momenta(self, exp_avgs: list[Tensor]) -> None:
         """Forget the bounds on |m| if anything but the kernel wrote a momentum since the last step (a torch op

@@ -103,6 +103,14 @@ def codes() -> str:
     return ",".join(f"{k}={v}" for k, v in values.items())
 
 
+class CountOutOfRangeError(ValueError):
+    """``memopt_adam_fused`` found the ``memory_count`` of unit ``self.unit`` outside [0, topc], and wrote nothing."""
+
+    def __init__(self, unit: int) -> None:
+        super().__init__(f"unit {unit}: memory_count outside [0, topc]")
+        self.unit = unit
+
+
 class LayoutMismatchError(RuntimeError):
     """The compiled kernel's tables are not laid out as this module fills them."""
 
@@ -341,6 +349,8 @@ def adam_fused(
     ]
     out = np.zeros((len(numels), 3), dtype=np.int64)
     rc = lib.memopt_adam_fused(len(numels), *(a.ctypes.data for a in arrays), out.ctypes.data, int(n_threads))
+    if rc > 0:
+        raise CountOutOfRangeError(rc - 1)
     if rc != 0:
         raise MemoryError("hf_memopt CPU kernel: out of memory for its work tables")
     return out

@@ -467,7 +467,9 @@ static float max_abs(const float *x, int64_t n) {
 /* slot_ptrs: for unit u, its topc slot addresses start at slot_ptrs[ints[u, J_SLOTS]].
  * ints[u, J_GROUP]: >= 0 puts the unit in that priority group (key="group"), -1 means key="tensor".
  * out[u] = (mode, slot, refresh) for the caller's statistics and the exact refresh of S.
- * Returns 0 on success, -1 when memory for the work tables cannot be had. */
+ * Returns 0 on success, -1 when memory for the work tables cannot be had, and 1 + u, before anything is
+ * written, when unit u's memory_count is outside [0, topc] (the state's scalars are the user's to edit in
+ * place; slots are indexed by the count). */
 /* The numeric codes Python, C and Triton share (named in hf_memopt.engine.rule and cpu_kernel), for the
  * loader's check: "NAME=value,..." */
 const char *memopt_codes(void) {
@@ -483,6 +485,10 @@ const char *memopt_codes(void) {
 int memopt_adam_fused(int64_t n_units, const int64_t *q, const int64_t *ints, const double *floats,
                       const int64_t *numels, const int64_t *slot_ptrs, int64_t *out, int n_threads) {
     if (n_units == 0) return 0;
+    for (int64_t u = 0; u < n_units; ++u) {
+        const int64_t n = *(const int64_t *)q[u * N_Q + Q_COUNT];
+        if (n < 0 || n > ints[u * N_J + J_TOPC]) return (int)(1 + u);
+    }
     int64_t *gptr = (int64_t *)calloc((size_t)n_units, sizeof(int64_t));
     double *sq = (double *)malloc(sizeof(double) * (size_t)n_units);
     double *k = (double *)malloc(sizeof(double) * (size_t)n_units);
