@@ -74,32 +74,23 @@ class TritonExecutor:
         return False
 
     def unavailable(self, opt: Any, work: Any) -> str | None:
-        """Why the kernels cannot run ``work`` (None: they can)."""
+        """Why the kernels cannot run ``work`` (None: they can). The parameters, the group's flags and the
+        state are judged once per state view (:mod:`hf_memopt.engine.guard`: they cannot change without a
+        new view), the gradients, new every step, at every step."""
         reason = triton_unavailable()
         if reason is not None:
             return reason
-        group = work.group
-        tensors = [st.local_tensor(p) for p in group["params"]]
-        devices = {t.device for t in tensors}
-        if len(devices) > 1:
-            return f"its parameters are on several devices ({sorted(map(str, devices))})"
-        for device in devices:
-            if not runs_on(device):
-                if device.type == "cpu":
-                    return f"its parameters are CPU tensors, which Triton runs only under its interpreter ({INTERPRET_ENV}=1)"
-                return f"Triton does not run {device.type} tensors"
-        if group.get("capturable") and any(d.type == "cpu" for d in devices):
-            return "capturable=True on CPU tensors (torch's optimizers capture CUDA-graph devices only)"
-        for t in tensors:
-            if t.dtype not in _DTYPES:
-                return f"parameters of dtype {t.dtype} (Triton runs float32, bfloat16 and float16)"
+        view = work.view
+        if view is None:  # no parameter has a gradient this step
+            return _params_reason(work.group, work.group["params"])
+        if "triton" not in view.verdicts:  # "auto" must not pick an executor that then refuses the group
+            view.verdicts["triton"] = _params_reason(work.group, view.params) or state_reason(opt, work)
+        if view.verdicts["triton"] is not None:
+            return view.verdicts["triton"]
         values = [*work.lists["grads"], *work.lists.get(work.update.memory_source, [])]
         if not all(st.local_tensor(v).is_contiguous() for v in values):
             return "a gradient (or momentum) is not contiguous"
-        # the state too ("auto" must not pick an executor that then refuses the group); judged once per view
-        if work.view is not None and "triton" not in work.view.verdicts:
-            work.view.verdicts["triton"] = state_reason(opt, work)
-        return None if work.view is None else work.view.verdicts["triton"]
+        return None
 
     def prepare(self, opt: Any, works: Sequence[Any]) -> None:
         """Critical Momenta advances its momenta first (SPEC 1b.2): what is stored and tested is that m."""
@@ -319,6 +310,27 @@ class TritonExecutor:
             lay = build_layout(opt, works, reducer)
             opt._engine.cache[key] = lay
         return lay
+
+
+def _params_reason(group: dict[str, Any], params: Sequence[Tensor]) -> str | None:
+    """Why the kernels cannot run these parameters of ``group`` (None: they can)."""
+    tensors = [st.local_tensor(p) for p in params]
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        return f"its parameters are on several devices ({sorted(map(str, devices))})"
+    for device in devices:
+        if not runs_on(device):
+            if device.type == "cpu":
+                return (
+                    f"its parameters are CPU tensors, which Triton runs only under its interpreter ({INTERPRET_ENV}=1)"
+                )
+            return f"Triton does not run {device.type} tensors"
+    if group.get("capturable") and any(d.type == "cpu" for d in devices):
+        return "capturable=True on CPU tensors (torch's optimizers capture CUDA-graph devices only)"
+    for t in tensors:
+        if t.dtype not in _DTYPES:
+            return f"parameters of dtype {t.dtype} (Triton runs float32, bfloat16 and float16)"
+    return None
 
 
 def _capturing(device: torch.device) -> bool:

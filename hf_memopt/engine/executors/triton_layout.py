@@ -91,7 +91,6 @@ class Layout:
     units: list[tuple[int, int, Tensor, int, int, int]]  # (work, list index, param, segment, start or -1, numel)
     classes: list[ChunkClass]
     groups: list[Group]
-    anchors: list[tuple[dict[str, Any], Tensor, Tensor]]  # (state, priority_0, memory_sum) as bound
     chunk_unit: Tensor
     chunk_lo: Tensor
     chunk_hi: Tensor
@@ -125,11 +124,12 @@ class Layout:
         parameter's first memory rebuilds its group's ledger)."""
         if len(works) != len(self.views) or any(w.view is not v for w, v in zip(works, self.views)):
             return False
+        # S and the slots are the views'; priority_0 (the ledger's anchor) group_ledger checked this step
         for g in self.groups:
             cached = opt._engine.cache.get(("triton-ledger", g.index))
             if cached is None or cached[0] is not g.ledger:
                 return False
-        return all(s.get("priority_0") is pri and s.get("memory_sum") is ms for s, pri, ms in self.anchors)
+        return True
 
 
 def state_reason(opt: Any, w: Any) -> str | None:
@@ -258,7 +258,6 @@ def build_layout(opt: Any, works: Sequence[Any], reducer: Any) -> Layout:
     units: list[tuple[int, int, Tensor, int, int, int]] = []
     unit_class: list[tuple[torch.dtype, torch.dtype, torch.dtype]] = []
     groups: list[Group] = []
-    anchors = []
     regions: dict[tuple[int, int], tuple[torch.dtype, int, bool, int]] = {}
     a_numel: dict[torch.dtype, int] = {}
     unit_a: list[int] = []
@@ -279,7 +278,6 @@ def build_layout(opt: Any, works: Sequence[Any], reducer: Any) -> Layout:
         slot_dtype = None
         for i, p in enumerate(w.lists["params"]):
             state = opt.state[p]
-            anchors.append((state, state["priority_0"], state["memory_sum"]))
             x = st.local_tensor(xs[i])
             bounds = opt._engine.segments.get(id(p))
             offset = a_numel.get(x.dtype, 0)
@@ -347,7 +345,6 @@ def build_layout(opt: Any, works: Sequence[Any], reducer: Any) -> Layout:
         units=units,
         classes=classes,
         groups=groups,
-        anchors=anchors,
         chunk_unit=dev(chunk_unit),
         chunk_lo=dev(chunk_lo),
         chunk_hi=dev(chunk_hi),
