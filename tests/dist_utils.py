@@ -224,3 +224,50 @@ class LogRecords(logging.Handler):
         logger = logging.getLogger("hf_memopt.distributed")
         logger.removeHandler(self)
         logger.setLevel(self._level)
+
+
+# -- DeepSpeed engines and the Trainer's view of the toy model (shared by the DeepSpeed test modules) ----
+
+
+def ds_train(engine: Any, rank: int, steps: range) -> None:
+    """``steps`` of the toy regression on a DeepSpeed engine, rank ``rank``'s batches."""
+    for step in steps:
+        loss = loss_fn(engine, *batch(step, rank))
+        engine.backward(loss)
+        engine.step()
+
+
+def ds_full_params(engine: Any) -> dict[str, torch.Tensor]:
+    """The engine's full parameters by name (gathered under ZeRO-3)."""
+    import deepspeed  # deferred: only the DeepSpeed tests need it
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+        return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+class ToyData(torch.utils.data.Dataset):
+    """The toy batches for ``Trainer``: read in order (``train_sampling_strategy="sequential"``) and dealt out
+    by accelerate one per-device batch of 4 per rank, step ``s`` gives rank ``r`` exactly ``batch(s, r)``."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+
+    def __len__(self) -> int:
+        return 4 * self.world * STEPS
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        step, rank = divmod(i // 4, self.world)
+        x, y = batch(step, rank)
+        return {"x": x[i % 4], "labels": y[i % 4]}
+
+
+class ToyModel(torch.nn.Module):
+    """make_model() with the Trainer's calling convention (keyword inputs, a dict with ``loss``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": loss_fn(self.net, x, labels)}

@@ -38,17 +38,7 @@ def engine_for(stage: int, bind: bool = True, seed: int = 0, zero: dict[str, Any
     return engine
 
 
-def train(engine: Any, rank: int, steps: range) -> None:
-    for step in steps:
-        loss = du.loss_fn(engine, *du.batch(step, rank))
-        engine.backward(loss)
-        engine.step()
-
-
-def full_params(engine: Any) -> dict[str, torch.Tensor]:
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
-        return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+train, full_params = du.ds_train, du.ds_full_params
 
 
 def client(engine: Any) -> Any:

@@ -39,33 +39,6 @@ GROUPS = [["0.weight", "2.weight", "4.weight"], ["0.bias", "2.bias", "4.bias"]]
 MEMORY_KEYS = [f"memory_{k}" for k in range(TOPC)] + ["memory_sum"]
 
 
-class ToyData(torch.utils.data.Dataset):
-    """Sample ``i`` is row ``i % 4`` of ``du.batch(step, rank)``, with ``step, rank = divmod(i // 4, 2)``.
-
-    Read in order (``train_sampling_strategy="sequential"``) and dealt out by accelerate one
-    per-device batch of 4 per rank, step ``s`` gives rank ``r`` exactly ``du.batch(s, r)``.
-    """
-
-    def __len__(self) -> int:
-        return 4 * WORLD * du.STEPS
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        step, rank = divmod(i // 4, WORLD)
-        x, y = du.batch(step, rank)
-        return {"x": x[i % 4], "labels": y[i % 4]}
-
-
-class ToyModel(torch.nn.Module):
-    """du.make_model() with the Trainer's calling convention (keyword inputs, a dict with ``loss``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = du.make_model()
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": du.loss_fn(self.net, x, labels)}
-
-
 def trainer_worker(rank: int, world_size: int, stage: int, trainer_name: str, out_dir: str) -> dict[str, Any]:
     from accelerate import PartialState
     from transformers import Trainer, TrainingArguments
@@ -103,8 +76,8 @@ def trainer_worker(rank: int, world_size: int, stage: int, trainer_name: str, ou
         disable_tqdm=True,
     )
     trainer_cls = {"Trainer": Trainer, "MemOptTrainer": MemOptTrainer}[trainer_name]
-    model = ToyModel()
-    trainer = trainer_cls(model=model, args=args, train_dataset=ToyData())
+    model = du.ToyModel()
+    trainer = trainer_cls(model=model, args=args, train_dataset=du.ToyData(WORLD))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()

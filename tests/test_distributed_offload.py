@@ -57,17 +57,7 @@ def engine_for(stage: int, offload: bool, seed: int = 0, optimizer: Any = None, 
     return engine
 
 
-def train(engine: Any, rank: int, steps: range) -> None:
-    for step in steps:
-        loss = du.loss_fn(engine, *du.batch(step, rank))
-        engine.backward(loss)
-        engine.step()
-
-
-def full_params(engine: Any) -> dict[str, torch.Tensor]:
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
-        return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+train, full_params = du.ds_train, du.ds_full_params
 
 
 def partitions_of(engine: Any) -> list[torch.Tensor]:
@@ -271,27 +261,6 @@ def test_zero_offload_other_optimizer_is_named(ds_runs: list[dict[str, Any]]) ->
 # -- DeepSpeed under Trainer -----------------------------------------------------------------------
 
 
-class ToyData(torch.utils.data.Dataset):
-    """Step ``s`` gives rank ``r`` exactly ``du.batch(s, r)`` (read sequentially, dealt out per rank)."""
-
-    def __len__(self) -> int:
-        return 4 * WORLD * du.STEPS
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        step, rank = divmod(i // 4, WORLD)
-        x, y = du.batch(step, rank)
-        return {"x": x[i % 4], "labels": y[i % 4]}
-
-
-class ToyModel(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = du.make_model()
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": du.loss_fn(self.net, x, labels)}
-
-
 def _trainer(out_dir: str, offload: bool, max_steps: int) -> Any:
     from transformers import TrainingArguments
 
@@ -326,7 +295,7 @@ def _trainer(out_dir: str, offload: bool, max_steps: int) -> Any:
         report_to="none",
         disable_tqdm=True,
     )
-    return MemOptTrainer(model=ToyModel(), args=args, train_dataset=ToyData()), config
+    return MemOptTrainer(model=du.ToyModel(), args=args, train_dataset=du.ToyData(WORLD)), config
 
 
 def _trainer_params(trainer: Any) -> dict[str, torch.Tensor]:
