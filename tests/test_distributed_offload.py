@@ -650,3 +650,43 @@ def test_a_deepspeed_cpu_optimizer_in_our_place_is_named_with_the_flag() -> None
     message = str(info.value)
     assert "deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam" in message
     assert '"zero_force_ds_cpu_optimizer": false' in message
+
+
+# -- a user's own accelerator.prepare() under ZeRO-Offload -------------------------------------------
+
+_ACCELERATE_PREPARE = """
+import os
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0",
+                  WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", ACCELERATE_USE_DEEPSPEED="true")
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin
+import hf_memopt
+config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+          "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}}
+accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
+model = torch.nn.Linear(4, 2)
+optimizer = hf_memopt.MemoryAugmentedAdamW(model.parameters(), lr=1e-3)
+try:
+    accelerator.prepare(model, optimizer)
+except ValueError as err:
+    print("REFUSED:", err)
+else:
+    print("PREPARED WITH", type(accelerator._optimizers[0].optimizer).__name__)
+"""
+
+
+@pytest.mark.slow
+def test_accelerate_prepare_under_zero_offload_refuses_to_swap_a_memopt_optimizer(tmp_path):
+    """Without the Trainer (which sets the flag itself), accelerate's prepare() would replace the optimizer
+    by DeepSpeedCPUAdam without a word; it raises instead, before DeepSpeed starts, naming the flag."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "prepare.py"
+    script.write_text(_ACCELERATE_PREPARE)
+    env = {**os.environ, "PORT": str(du.free_port())}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REFUSED: accelerate would replace MemoryAugmentedAdamW by DeepSpeedCPUAdam" in out.stdout, out.stdout
+    assert '"zero_force_ds_cpu_optimizer": false' in out.stdout

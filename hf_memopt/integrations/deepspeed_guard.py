@@ -17,16 +17,21 @@ sets ``"zero_force_ds_cpu_optimizer": false``, without a word; the run then trai
 :func:`check_offload` refuses what cannot run with a memopt optimizer (NVMe, partial ``ratio``,
 SuperOffload, the flag set to true) where the arguments are checked, and
 :func:`keep_client_optimizer` sets the flag to false (logged) right before ``prepare``. The
-memopt optimizer then steps DeepSpeed's fp32 CPU partitions on the "cpu" executor.
+memopt optimizer then steps DeepSpeed's fp32 CPU partitions on the "cpu" executor. Outside the
+Trainer (a user's own ``accelerator.prepare(model, optimizer)``), :func:`guard_accelerate_swap`
+makes accelerate's swap refuse a memopt optimizer with the fix in the message, instead of
+replacing it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -168,3 +173,33 @@ def keep_client_optimizer(config: MutableMapping[str, Any], optimizer_name: str)
             optimizer_name,
         )
     return True
+
+
+def guard_accelerate_swap() -> None:
+    """Make accelerate's ZeRO-Offload swap (``accelerate.accelerator.map_pytorch_optim_to_deepspeed``, which
+    replaces any client optimizer by DeepSpeedCPUAdam unless the config sets ``"zero_force_ds_cpu_optimizer":
+    false``) refuse a memopt optimizer, before training, with the fix in the message.
+
+    Called when a memopt optimizer is built; acts only where accelerate's ``accelerator`` module is loaded
+    already (a script that builds its Accelerator's optimizer has imported it), imports nothing, and wraps
+    once. Other optimizers go through accelerate's own function unchanged."""
+    module = sys.modules.get("accelerate.accelerator")
+    original = getattr(module, "map_pytorch_optim_to_deepspeed", None)
+    if original is None or getattr(original, "_hf_memopt_guard", False):
+        return
+
+    @functools.wraps(original)
+    def map_pytorch_optim_to_deepspeed(optimizer: Any) -> Any:
+        from ..optim.base import MemoryAugmentedOptimizer  # deferred: no import cycle with the optimizers
+
+        if isinstance(optimizer, MemoryAugmentedOptimizer):
+            raise ValueError(
+                f"accelerate would replace {type(optimizer).__name__} by DeepSpeedCPUAdam under ZeRO-Offload "
+                f'(offload_optimizer.device "cpu"), and the run would train without its memory. Set '
+                f'"{FORCE_FLAG}": false in the DeepSpeed config: DeepSpeed then keeps the client optimizer, and '
+                "hf_memopt steps the offloaded state with its CPU kernel (docs/distributed.md, offload)"
+            )
+        return original(optimizer)
+
+    map_pytorch_optim_to_deepspeed._hf_memopt_guard = True  # type: ignore[attr-defined]
+    module.map_pytorch_optim_to_deepspeed = map_pytorch_optim_to_deepspeed  # type: ignore[union-attr]

@@ -23,6 +23,7 @@ from ..engine import state as st
 from ..engine.context import EngineState
 from ..engine.executors import check_executor_name
 from ..engine.step import Work, run_step
+from ..integrations.deepspeed_guard import guard_accelerate_swap
 from .updates import BaseUpdate
 
 logger = logging.getLogger("hf_memopt")
@@ -64,6 +65,8 @@ class MemoryAugmentedOptimizer:
         self.register_load_state_dict_pre_hook(checkpoint.load_pre_hook)  # type: ignore[attr-defined]
         self.register_load_state_dict_post_hook(checkpoint.load_post_hook)  # type: ignore[attr-defined]
         self.register_state_dict_post_hook(checkpoint.state_dict_post_hook)  # type: ignore[attr-defined]
+        # a user's own accelerator.prepare() under ZeRO-Offload must not swap this optimizer out silently
+        guard_accelerate_swap()
 
     # -- copies and pickles -------------------------------------------------------------
 
