@@ -8,8 +8,10 @@ On a GPU the "triton" executor's step is host work (Python bookkeeping, launches
 work hides only while the host stays ahead. This measures that host work on this CPU, with every
 Triton launch (and, for the "cpu" executor, the C kernel call) replaced by a stub that returns at
 once, on tiny tensors of GPT-2-small's count (sizes do not matter to host work). Reported per step:
-the whole ``optimizer.step()``, and the state guard's share of it (``hf_memopt.engine.guard.state_view``:
-the per-step check that what an executor cached is still the state, docs/design.md).
+the whole ``optimizer.step()``, and the revalidation's share of it: the per-step check that nothing an
+executor cached changed (``hf_memopt.engine.snapshot.Snapshot.holds``: the parameters, every state
+tensor's object, data pointer and size, the gradients; docs/design.md), in C++ (``--check native``, built
+first if needed) or in Python (``--check python``). The rest is what does not grow with the tensors.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run from a checkout
 
 import hf_memopt  # noqa: E402
-from hf_memopt.engine import guard  # noqa: E402
-from hf_memopt.engine import step as engine_step  # noqa: E402
+from hf_memopt.engine import native_guard, snapshot  # noqa: E402
 from hf_memopt.engine.executors import cpu_kernel, triton_layout, triton_runtime  # noqa: E402
 from hf_memopt.engine.executors import triton as triton_executor  # noqa: E402
 
@@ -79,35 +80,36 @@ def stubbed(executor: str):
 
 
 def measure(executor: str, topc: int, n_tensors: int, steps: int) -> tuple[float, float]:
-    """Median host milliseconds per step: the whole step, and the state guard's part of it."""
+    """Median host milliseconds per step: the whole step, and the revalidation's part of it."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(8, generator=gen)) for _ in range(n_tensors)]
     for p in params:
         p.grad = torch.randn(8, generator=gen)
     opt = hf_memopt.MemoryAugmentedAdamW(params, lr=1e-3, topc=topc, executor=executor)
-    guard_time = [0.0]
-    inner = guard.state_view
+    check_time = [0.0]
+    inner = snapshot.Snapshot.holds
 
-    def timed_view(o, w):
+    def timed_holds(snap, o, group):
         t0 = time.perf_counter()
-        out = inner(o, w)
-        guard_time[0] += time.perf_counter() - t0
+        out = inner(snap, o, group)
+        check_time[0] += time.perf_counter() - t0
         return out
 
     whole, part = [], []
     with stubbed(executor):
-        engine_step.state_view = timed_view
+        snapshot.Snapshot.holds = timed_holds
         try:
             for i in range(steps + 5):
-                guard_time[0] = 0.0
+                check_time[0] = 0.0
                 t0 = time.perf_counter()
                 opt.step()
-                if i >= 5:  # warm: tables built
+                if i >= 5:  # warm: tables built, the snapshot taken
                     whole.append(time.perf_counter() - t0)
-                    part.append(guard_time[0])
+                    part.append(check_time[0])
         finally:
-            engine_step.state_view = inner
+            snapshot.Snapshot.holds = inner
     assert opt.executor_for(0) == executor
+    assert opt._engine.cache.get(("snapshot", 0, executor)) is not None, "no steady step was measured"
     return statistics.median(whole) * 1e3, statistics.median(part) * 1e3
 
 
@@ -117,9 +119,16 @@ def main() -> None:
     ap.add_argument("--copies", type=int, nargs="+", default=[1, 2], help="multiples of GPT-2-small's 148 tensors")
     ap.add_argument("--executor", nargs="+", default=["triton", "cpu"])
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--check", choices=["native", "python"], default="native", help="the revalidation's implementation")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print("| executor | topc | tensors | step host time (ms) | of it the state guard (ms) |")
+    if args.check == "native":
+        if native_guard.wait() is None:
+            sys.exit(f"the native check is not available: {native_guard.unavailable()}")
+    else:
+        native_guard.load = lambda: None
+    print(f"revalidation: {args.check}")
+    print("| executor | topc | tensors | step host time (ms) | of it the revalidation (ms) |")
     print("|---|---:|---:|---:|---:|")
     for executor in args.executor:
         for topc in args.topc:

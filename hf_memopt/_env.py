@@ -33,7 +33,8 @@ def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
     return Path(xdg) / "hf_memopt"
 
 
-#: Comma-separated executors ("cpu", "triton") that must be available: under it a kernel that fails to
+#: Comma-separated executors ("cpu", "triton") and native parts ("guard": the C++ state check of
+#: :mod:`hf_memopt.engine.native_guard`) that must be available: under it a kernel that fails to
 #: build or import is an error instead of a quiet fall-back to "torch" (CI sets it, so a broken kernel
 #: cannot turn into a green run with fewer tests).
 REQUIRE_EXECUTORS_ENV = "HF_MEMOPT_REQUIRE_EXECUTORS"
@@ -42,7 +43,9 @@ REQUIRE_EXECUTORS_ENV = "HF_MEMOPT_REQUIRE_EXECUTORS"
 def required_executors() -> frozenset[str]:
     """The executors named in ``$HF_MEMOPT_REQUIRE_EXECUTORS`` (empty when unset); an unknown name is an error."""
     names = frozenset(n.strip().lower() for n in os.environ.get(REQUIRE_EXECUTORS_ENV, "").split(",") if n.strip())
-    unknown = names - {"cpu", "triton"}
+    unknown = names - {"cpu", "triton", "guard"}
     if unknown:
-        raise ValueError(f"{REQUIRE_EXECUTORS_ENV} names {sorted(unknown)}; allowed: 'cpu', 'triton' (comma-separated)")
+        raise ValueError(
+            f"{REQUIRE_EXECUTORS_ENV} names {sorted(unknown)}; allowed: 'cpu', 'triton', 'guard' (comma-separated)"
+        )
     return names

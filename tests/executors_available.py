@@ -46,7 +46,15 @@ def why_unavailable(name: str) -> str | None:
 
             why = triton_runtime.interpreter_defect(triton.__version__, numpy.__version__)
         return why
-    raise ValueError(f"executor {name!r}: allowed {EXECUTORS}")
+    if name == "guard":  # not an executor: the C++ snapshot check (hf_memopt.engine.native_guard)
+        from hf_memopt.engine import native_guard
+
+        try:
+            native_guard.wait()
+        except native_guard.NativeGuardUnavailableError:
+            pass  # required and missing: the reason follows
+        return native_guard.unavailable() or (None if native_guard.load() is not None else "its build did not finish")
+    raise ValueError(f"executor {name!r}: allowed {EXECUTORS} (and 'guard')")
 
 
 def _interpreter_off() -> bool:

@@ -12,10 +12,10 @@ written, it gathers the tensors whose addresses an executor may keep (the parame
 the base optimizer's state lists, the memory's slots and running sum), and compares them with the
 view it returned last time: the same objects, the same data pointers, the parameters' byte sizes, the
 same group flags (everything in the group but the parameters and the scalars executors read afresh
-each step). That costs a dict lookup, an identity test and a pointer read per tensor (on CUDA builds
-the pointers are compared in one C++ call); a state tensor narrowed in place to a view of its own
-storage (``t.data = t.data[:n]``) keeps its pointer and is not seen, but the kernels then still write
-inside that live storage. When anything differs, the new view is
+each step) and byte sizes (a tensor narrowed in place, ``t.data = t.data[:n]``, keeps its pointer). That
+costs a dict lookup, an identity test, a pointer and a size read per tensor; a steady step (nothing but the
+gradients changed, :mod:`.snapshot`) skips it, its own check having covered the same. When anything
+differs, the new view is
 validated (:func:`check_state`: every state tensor shaped like its parameter, on its device), which
 raises the error torch's optimizer raises, naming the parameter and the key, before anything is
 written; executors then rebuild what they cached, because their tables remember the view they were
@@ -72,7 +72,7 @@ class StateView:
     params: list[Tensor]
     tensors: list[Tensor]  # params, then base state, then memory tensors: the objects, for identity
     ptrs: list[int]  # their data pointers (local parts)
-    param_sizes: list[int]  # the parameters' byte sizes (``p.data = p.data[:n]`` keeps the pointer)
+    sizes: list[int]  # their byte sizes (``t.data = t.data[:n]`` keeps the pointer)
     flags: tuple[Any, ...]
     #: each executor's verdict on this state (None: it can run it), cached with the view
     verdicts: dict[str, str | None] = field(default_factory=dict)
@@ -81,7 +81,7 @@ class StateView:
         """Whether ``tensors`` (gathered this step) are the view's: the same objects on the same storages."""
         if len(tensors) != len(self.tensors) or flags != self.flags or not all(map(is_, tensors, self.tensors)):
             return False
-        if [local(p).nbytes for p in self.params] != self.param_sizes:
+        if [local(t).nbytes for t in tensors] != self.sizes:
             return False
         if not self.plain:
             return _ptrs(tensors) == self.ptrs
@@ -151,7 +151,7 @@ def state_view(opt: Any, work: Any) -> StateView:
         return cached
     check_state(opt, work)
     params = list(work.lists["params"])
-    view = StateView(work.index, params, tensors, _ptrs(tensors), [local(p).nbytes for p in params], flags)
+    view = StateView(work.index, params, tensors, _ptrs(tensors), [local(t).nbytes for t in tensors], flags)
     opt._engine.cache[key] = view
     return view
 

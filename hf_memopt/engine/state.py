@@ -247,3 +247,37 @@ def tensor_bytes(tensors: Iterable[Any]) -> int:
 def memory_bytes(state: dict[str, Any], topc: int) -> int:
     """Bytes held by the memory of one parameter on this process (slots and running sum)."""
     return tensor_bytes(state[k] for k in ["memory_sum", *slot_keys(topc)] if k in state)
+
+
+def pooled_steps(steps: Sequence[Tensor]) -> Tensor | None:
+    """The one fp32 CPU tensor whose elements ``steps`` are, in order (see :func:`pool_steps`), else None."""
+    if not steps:
+        return None
+    base = steps[0]._base
+    if base is None or base.dim() != 1 or base.numel() != len(steps) or base.dtype != torch.float32 or not base.is_cpu:
+        return None
+    start, size = base.data_ptr(), base.element_size()
+    for i, s in enumerate(steps):
+        if s._base is not base or s.dim() != 0 or s.data_ptr() != start + i * size:
+            return None
+    return base
+
+
+def pool_steps(state: dict[Any, dict[str, Any]], params: Sequence[Tensor], steps: Sequence[Tensor]) -> list[Tensor]:
+    """Make the step counters of ``params`` (0-dim fp32 CPU tensors, torch's default) views into one tensor,
+    so that a step counts them all with one add (a CPU ``_foreach_add_`` over 148 scalars costs about
+    0.5 ms, per tensor). ``state[p]["step"]`` stays a 0-dim fp32 CPU tensor with its value: torch's
+    optimizers, checkpoints and users read it as before. Returns the counters (new or unchanged)."""
+    plain = (Tensor, torch.nn.Parameter)
+    if not steps or pooled_steps(steps) is not None:
+        return list(steps)
+    if any(
+        type(s) not in plain or s.dim() != 0 or s.dtype != torch.float32 or not s.is_cpu or s.requires_grad
+        for s in steps
+    ):
+        return list(steps)
+    base = torch.stack([s.detach() for s in steps])
+    pooled = list(base.unbind())
+    for p, s in zip(params, pooled):
+        state[p]["step"] = s
+    return pooled

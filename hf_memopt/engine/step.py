@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..config import MemoryConfig
 from .executors import select_executor
 from .guard import StateView, check_counts, state_view
@@ -47,15 +49,23 @@ class Work:
     admit: list[Any] | None = None
     #: the group's state as validated this step (memory groups with a gradient; see :mod:`.guard`)
     view: StateView | None = None
+    #: set on a steady step (:mod:`.snapshot`: nothing but the gradients changed since the last step, whose
+    #: lists, view and executor this work reuses): the gradients' data pointers, aligned with the lists
+    grad_ptrs: np.ndarray | None = None
+
+    @property
+    def steady(self) -> bool:
+        return self.grad_ptrs is not None
 
 
 def run_step(opt: Any, works: list[Work], requested: str) -> None:
     """Steps 0-3 of the module docstring over ``works`` (every param group of the optimizer)."""
     for w in works:
-        if w.cfg.kappa > 0.0 and w.lists["params"]:
+        if w.cfg.kappa > 0.0 and w.lists["params"] and not w.steady:
             w.view = state_view(opt, w)
     for w in works:
-        w.executor = select_executor(requested, opt, w)
+        if not w.steady:  # a steady work keeps last step's executor: what it was chosen on has not changed
+            w.executor = select_executor(requested, opt, w)
         opt._engine.ran[w.index] = w.executor.name
     memory = [w for w in works if w.cfg.kappa > 0.0]
     host = [w for w in memory if w.lists["params"] and w.executor.decides_on_host(opt, w)]

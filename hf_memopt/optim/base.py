@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import MemoryConfig
-from ..engine import checkpoint
+from ..engine import checkpoint, snapshot
 from ..engine import state as st
 from ..engine.context import EngineState
 from ..engine.executors import check_executor_name
@@ -177,9 +177,27 @@ class MemoryAugmentedOptimizer:
         allocated = False
         # Every group's settings are checked before anything of any group changes (a step that
         # raises leaves the optimizer as it was).
-        cfgs = [self._checked_group(index, group) for index, group in enumerate(self.param_groups)]
+        # A group whose snapshot holds (hf_memopt.engine.snapshot: nothing the step reads changed since the
+        # last step but the gradients, the group's settings included) reuses last step's lists, view and
+        # executor. The "torch" executor always takes the full path: it is the reference the others meet.
+        steady = self.executor != "torch"
+        snaps = [
+            self._engine.cache.get(("snapshot", i, self.executor)) if steady else None
+            for i in range(len(self.param_groups))
+        ]
+        fresh_grads = [s.holds(self, g) if s is not None else None for s, g in zip(snaps, self.param_groups)]
+        cfgs = [
+            snap.cfg if fresh is not None else self._checked_group(index, group)
+            for index, (group, snap, fresh) in enumerate(zip(self.param_groups, snaps, fresh_grads))
+        ]
         for index, (group, cfg) in enumerate(zip(self.param_groups, cfgs)):
             update = self._base_update
+            snap, fresh = snaps[index], fresh_grads[index]
+            if fresh is not None:
+                lists = dict(snap.lists, grads=fresh[0])
+                works.append(Work(index, group, cfg, lists, snap.extra, update, view=snap.view, grad_ptrs=fresh[1]))
+                works[-1].executor = snap.executor
+                continue
             lists: dict[str, list[Any]] = {name: [] for name in update.list_names}
             extra = self._init_group(group, *lists.values())  # type: ignore[attr-defined]
             if cfg.kappa > 0.0:
@@ -190,6 +208,10 @@ class MemoryAugmentedOptimizer:
                         allocated = True
             works.append(Work(index, group, cfg, lists, extra, update))
         run_step(self, works, self.executor)
+        if steady:
+            for w in works:
+                if w.grad_ptrs is None and w.executor is not None and w.executor.name in ("cpu", "triton"):
+                    self._engine.cache[("snapshot", w.index, self.executor)] = snapshot.take(self, w)
         if allocated and not self._size_logged:
             self._size_logged = True
             # sizes only: memory_stats() would read the device counters (a sync inside the step)

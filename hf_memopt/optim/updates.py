@@ -42,6 +42,9 @@ class BaseUpdate:
     stores_momentum: bool = False
     #: the ``_init_group`` list whose values the memory aggregates and stores
     memory_source: str = "grads"
+    #: the state key each per-parameter ``_init_group`` list reads (``lists[name][i] is state[p_i][key]``):
+    #: what :mod:`hf_memopt.engine.snapshot` checks to reuse last step's lists
+    state_keys: dict[str, str] = {}
 
     def update(self, opt: Any, group: dict[str, Any], lists: Lists, extra: Any) -> None:
         """Run the base update of ``group`` on ``lists`` (its ``"grads"`` holds the aggregates)."""
@@ -76,6 +79,12 @@ class AdamUpdate(BaseUpdate):
     """``torch.optim.Adam`` / ``AdamW`` (decoupled decay is the group's ``decoupled_weight_decay``)."""
 
     list_names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+    state_keys = {
+        "exp_avgs": "exp_avg",
+        "exp_avg_sqs": "exp_avg_sq",
+        "max_exp_avg_sqs": "max_exp_avg_sq",
+        "state_steps": "step",
+    }
     cpu_kernel = True
 
     def update(self, opt: Any, group: dict[str, Any], lists: Lists, extra: Any) -> None:
@@ -139,6 +148,7 @@ class SGDUpdate(BaseUpdate):
     """``torch.optim.SGD``: momentum, dampening, nesterov, coupled L2."""
 
     list_names = ("params", "grads", "momentum_buffer_list")
+    state_keys = {"momentum_buffer_list": "momentum_buffer"}
 
     def update(self, opt: Any, group: dict[str, Any], lists: Lists, extra: Any) -> None:
         params, buffers = lists["params"], lists["momentum_buffer_list"]
@@ -166,6 +176,12 @@ class RMSpropUpdate(BaseUpdate):
     """``torch.optim.RMSprop``: alpha, centered, momentum, coupled L2."""
 
     list_names = ("params", "grads", "square_avgs", "momentum_buffer_list", "grad_avgs", "state_steps")
+    state_keys = {
+        "square_avgs": "square_avg",
+        "momentum_buffer_list": "momentum_buffer",
+        "grad_avgs": "grad_avg",
+        "state_steps": "step",
+    }
 
     def update(self, opt: Any, group: dict[str, Any], lists: Lists, extra: Any) -> None:
         _rmsprop(

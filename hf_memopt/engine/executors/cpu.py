@@ -134,16 +134,20 @@ def _fused_table(opt: Any, work: Any) -> _FusedTable:
     """The group's cached kernel columns with this step's addresses."""
     args = work.update.kernel_args(work.group, work.lists)
     table = opt._engine.cache.get(("cpu", work.index))
-    if table is None or not table.still_valid(opt, work):
+    # a steady step (hf_memopt.engine.snapshot) re-checked everything still_valid reads, ledger anchors included
+    if table is None or not (work.steady and table.view is work.view) and not table.still_valid(opt, work):
         table = _FusedTable(opt, work, args)
         opt._engine.cache[("cpu", work.index)] = table
     # Gradients are new tensors every step (zero_grad(set_to_none=True)): their addresses are read every
     # step. Everything else the table holds is the view's (see hf_memopt.engine.guard).
     if args.momentum:
         table.check_momenta(args.exp_avgs)
-    table.q[:, COLUMNS.fused_ptrs.GRAD] = [
-        (g if type(g) is Tensor else st.local_tensor(g)).data_ptr() for g in work.lists["grads"]
-    ]
+    if work.steady:
+        table.q[:, COLUMNS.fused_ptrs.GRAD] = work.grad_ptrs
+    else:
+        table.q[:, COLUMNS.fused_ptrs.GRAD] = [
+            (g if type(g) is Tensor else st.local_tensor(g)).data_ptr() for g in work.lists["grads"]
+        ]
     f = COLUMNS.fused_floats
     table.floats[:, [f.LR, f.WD, f.BETA1, f.BETA2, f.EPS]] = (
         args.lr,

@@ -118,6 +118,23 @@ class Layout:
     pointers: dict[str, tuple[bytes, Tensor]] = field(default_factory=dict)
     views: list[Any] = field(default_factory=list)  # each work's state view the tables were built from
 
+    def unit_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per unit: its row in the works' lists laid end to end, and its byte offset in its tensor (so that
+        the lists' data pointers, concatenated, give the units' addresses in one numpy expression)."""
+        cached = self.pointers.get("unit-rows")
+        if cached is None:
+            lengths: dict[int, int] = {}
+            for wi, i, *_ in self.units:
+                lengths[wi] = max(lengths.get(wi, 0), i + 1)
+            first = np.cumsum([0] + [lengths[wi] for wi in range(len(lengths))])
+            rows = np.array([first[wi] + i for wi, i, *_ in self.units], dtype=np.int64)
+            offsets = np.array(
+                [max(start, 0) * st.local_tensor(p).element_size() for _wi, _i, p, _s, start, _n in self.units],
+                dtype=np.int64,
+            )
+            cached = self.pointers["unit-rows"] = (rows, offsets)  # type: ignore[assignment]
+        return cached  # type: ignore[return-value]
+
     def valid(self, opt: Any, works: Sequence[Any]) -> bool:
         """Whether the tables still describe the states: the same views (tensors, storages, sizes and group
         flags: :mod:`hf_memopt.engine.guard`) and ledgers (a load or another executor rebinds them; a new
