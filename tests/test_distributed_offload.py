@@ -618,8 +618,10 @@ def test_the_kernel_runs_on_the_configured_threads(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.slow
-def test_offload_benchmark_self_check_runs() -> None:
-    """``benchmarks/offload_step.py --self-check``: ZeRO-2 offload on one gloo rank, the checks of the GPU run."""
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+def test_offload_benchmark_self_check_runs(engine: str) -> None:
+    """``benchmarks/offload_step.py --self-check``: ZeRO-2 offload or FSDP2 ``CPUOffloadPolicy`` on one gloo
+    rank, the checks of the GPU run (the offloaded run equals the run without offload, bit for bit)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -627,7 +629,7 @@ def test_offload_benchmark_self_check_runs() -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "offload_step.py"), "--self-check"],
+        [sys.executable, str(root / "benchmarks" / "offload_step.py"), "--self-check", "--engine", engine],
         capture_output=True,
         text=True,
         timeout=240,
@@ -637,6 +639,7 @@ def test_offload_benchmark_self_check_runs() -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "offload_step: OK" in proc.stdout
     assert '"executor": "cpu"' in proc.stdout
+    assert f'"engine": "{engine}' in proc.stdout
 
 
 def test_a_deepspeed_cpu_optimizer_in_our_place_is_named_with_the_flag() -> None:

@@ -168,3 +168,50 @@ def test_a_sanitized_kernel_is_not_loaded_into_a_process_without_the_asan_runtim
         cpu_kernel._build.cache_clear()
         cpu_kernel.load.cache_clear()
     assert cpu_kernel.load() is not None
+
+
+def test_a_native_guard_that_does_not_compile_is_an_error_where_required(tmp_path, monkeypatch):
+    """The C++ snapshot check (hf_memopt.engine.native_guard) under ``$HF_MEMOPT_REQUIRE_EXECUTORS`` naming
+    "guard" (CI): a compile error is an error carrying the compiler's message. Not required: None, the reason
+    kept, and steady steps run on the Python check."""
+    from hf_memopt.engine import native_guard
+
+    require_or_skip("guard")  # a C++ compiler and torch's headers are here
+    require_or_skip("cpu")  # "auto" runs the group on "cpu", which takes steady steps
+    cxx = shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++") or shutil.which("clang++")
+    (tmp_path / "broken.h").write_text(BROKEN_C)
+    wrapper = tmp_path / "broken-cxx"
+    wrapper.write_text(f'#!/bin/sh\nexec "{cxx}" -include "{tmp_path / "broken.h"}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", str(wrapper))
+    monkeypatch.setenv("HF_MEMOPT_CACHE", str(tmp_path / "cache"))
+
+    def fresh() -> None:
+        for name in ("_module", "_why", "_thread"):
+            monkeypatch.setattr(native_guard, name, None)
+
+    monkeypatch.setenv(REQUIRE_EXECUTORS_ENV, "guard")
+    fresh()
+    message = (
+        r"requires the native state check \('guard'\), but .* could not build native_guard\.cpp(?s:.*)this_is_not_c"
+    )
+    with pytest.raises(native_guard.NativeGuardUnavailableError, match=message):
+        native_guard.load()
+
+    monkeypatch.delenv(REQUIRE_EXECUTORS_ENV)
+    fresh()
+    assert native_guard.wait() is None
+    assert "this_is_not_c" in (native_guard.unavailable() or "")
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    twin = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    opt = hf_memopt.MemoryAugmentedAdamW(params, lr=0.1, topc=2, executor="auto")
+    ref = hf_memopt.MemoryAugmentedAdamW(twin, lr=0.1, topc=2, executor="torch")
+    for t in range(4):
+        for p, q in zip(params, twin):
+            p.grad = torch.full((3,), float(t + 1))
+            q.grad = torch.full((3,), float(t + 1))
+        opt.step()
+        ref.step()
+    assert opt._engine.cache.get(("snapshot", 0, "auto")) is not None  # steady steps ran, on the Python check
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)

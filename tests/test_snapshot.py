@@ -28,7 +28,7 @@ def checker(request, monkeypatch):
 
 def _model(seed: int = 0) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(6, 5), (5,), (4, 3), (7,)]
+    shapes = [(6, 5), (5,), (4, 3), (7,), (3, 3)]
     return [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
 
 
@@ -69,7 +69,11 @@ ACTIONS = {
     "a gradient missing": lambda ps, o: setattr(ps[2], "grad", None),
     "a gradient not contiguous": lambda ps, o: setattr(ps[0], "grad", ps[0].grad.t().contiguous().t()),
     "maximize edited": lambda ps, o: o.param_groups[0].__setitem__("maximize", True),
-    "params reordered": lambda ps, o: o.param_groups[0].__setitem__("params", [ps[1], ps[0], ps[2], ps[3]]),
+    "params reordered": lambda ps, o: o.param_groups[0].__setitem__("params", [ps[1], ps[0], *ps[2:]]),
+    # the same storage, pointer and size, another object (read transposed): only identity tells
+    "exp_avg replaced by its own transpose": lambda ps, o: o.state[ps[4]].__setitem__(
+        "exp_avg", o.state[ps[4]]["exp_avg"].t()
+    ),
     "priority_0 storage swapped": lambda ps, o: setattr(
         o.state[ps[0]]["priority_0"], "data", o.state[ps[0]]["priority_0"].data.clone()
     ),

@@ -51,8 +51,10 @@ class HostReads:
     CPU (unless capturable/fused) precisely so that reading them never waits for the device.
     """
 
-    def __init__(self, allowed=()):
-        self.allowed = {id(t) for t in allowed}
+    def __init__(self, allowed=lambda: ()):
+        #: the allowed tensors, asked at each read: the optimizer may give its counters new objects (the
+        #: "triton" executor pools them into one tensor, hf_memopt.engine.state.pool_steps)
+        self.allowed = allowed
         self.calls: list[tuple[str, str]] = []
         self.read_ids: set[int] = set()
         self._saved: dict[str, object] = {}
@@ -64,7 +66,7 @@ class HostReads:
 
             def read(t, *args, _original=original, _name=name, **kwargs):
                 caller = sys._getframe(1).f_code.co_filename
-                if id(t) not in self.allowed and _INTERPRETER not in caller:
+                if _INTERPRETER not in caller and all(t is not a for a in self.allowed()):
                     self.calls.append((caller, _name))
                     self.read_ids.add(id(t))
                 return _original(t, *args, **kwargs)
@@ -78,7 +80,9 @@ class HostReads:
 
 
 def _steps(opt):
-    return [s["step"] for s in opt.state.values() if isinstance(s.get("step"), torch.Tensor)]
+    """torch's step counters of ``opt`` and, where they are views of one pooled tensor, that tensor."""
+    steps = [s["step"] for s in opt.state.values() if isinstance(s.get("step"), torch.Tensor)]
+    return steps + [s._base for s in steps if s._base is not None]
 
 
 def _run_reads(name, executor, reducer=False):
@@ -90,7 +94,7 @@ def _run_reads(name, executor, reducer=False):
     for grads in stream[:2]:  # the first steps allocate the memory and build the kernels' tables
         set_grads(params, grads)
         opt.step()
-    with HostReads(_steps(opt)) as reads:
+    with HostReads(lambda: _steps(opt)) as reads:
         for grads in stream[2:]:
             set_grads(params, grads)
             opt.step()
@@ -361,9 +365,10 @@ def test_launches_per_step_do_not_grow_with_the_tensors(monkeypatch):
     assert few == many
     # per group: norm_partials, decide, apply; unit_sums once
     assert sorted(few[0]) == sorted(["norm_partials", "decide", "apply"] * 2 + ["unit_sums"])
-    # host ops: the step counters' increment per group, and the copy of the gradients' pointer table
-    # (new gradient tensors every step here); torch.optim's two profiler markers
-    assert few[1] == 2 + 1 + 2
+    # host ops: the copy of the gradients' pointer table (new gradient tensors every step here) and
+    # torch.optim's two profiler markers; the step counters, pooled into one CPU tensor per group after
+    # the first steps (hf_memopt.engine.state.pool_steps), are counted through numpy, with no torch op
+    assert few[1] == 1 + 2
 
 
 @pytest.mark.parametrize("name", ["MemoryAugmentedAdamW", "CriticalMomentaAdamW"])
@@ -377,7 +382,7 @@ def test_a_tensor_lr_is_never_read_on_the_host(name):
     ref = getattr(hf_memopt, name)(twin, lr=1e-2, executor="torch", **kw)
     stream = list(gradient_stream(6))
     step_all(stream[:2], (opt, params), (ref, twin))
-    with HostReads(_steps(opt)) as reads:
+    with HostReads(lambda: _steps(opt)) as reads:
         step_all(stream[2:], (opt, params))
     step_all(stream[2:], (ref, twin))
     assert opt.param_groups[0]["lr"] is lr and id(lr) not in reads.read_ids

@@ -35,7 +35,7 @@ SWITCH_ENV = "HF_MEMOPT_NATIVE_GUARD"
 
 _SRC = Path(__file__).with_name("native_guard.cpp")
 _NAME = "hf_memopt_native_guard"
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-w"]
 
 _lock = threading.Lock()
