@@ -264,16 +264,23 @@ def ds_adam_ready() -> str | None:
     return "its op is neither pre-built (DS_BUILD_CPU_ADAM=1) nor JIT-built yet; --build-ds-adam builds it (minutes)"
 
 
-def bench_deepspeed(args: argparse.Namespace, cuda: bool) -> list[str]:
-    """The ZeRO-2 offload runs; the problems found, as sentences."""
-    result = run_ds_memopt(args, cuda)
-    print(f"offload_step: {result['numel']:,} parameters, DeepSpeed ZeRO-2, optimizer offload to CPU, topc={args.topc}")
+def _bench_memopt(args: argparse.Namespace, cuda: bool, run: Any, label: str) -> tuple[dict[str, Any], list[str]]:
+    """One engine's memopt run (``run(args, cuda, offload=True)``): printed, checked, compared with the same
+    run without offload under ``--self-check``; its host memory released before a baseline runs."""
+    result = run(args, cuda)
+    print(f"offload_step: {result['numel']:,} parameters, {label}, topc={args.topc}")
     _print_result(result)
     problems = _check(result, cuda)
     if args.self_check:
-        plain = run_ds_memopt(args, cuda, offload=False)
-        problems += _compare(result, plain)
-    _release(cuda)  # the memopt engine's host state goes before DeepSpeedCPUAdam's is allocated
+        problems += _compare(result, run(args, cuda, offload=False))
+    _release(cuda)
+    return result, problems
+
+
+def bench_deepspeed(args: argparse.Namespace, cuda: bool) -> list[str]:
+    """The ZeRO-2 offload runs; the problems found, as sentences."""
+    # the memopt engine's host state goes before DeepSpeedCPUAdam's is allocated (_bench_memopt releases it)
+    result, problems = _bench_memopt(args, cuda, run_ds_memopt, "DeepSpeed ZeRO-2, optimizer offload to CPU")
     why_not = None if args.no_baseline or args.build_ds_adam else ds_adam_ready()
     if why_not is not None:
         print(f"offload_step: DeepSpeedCPUAdam skipped: {why_not}")
@@ -382,14 +389,7 @@ def run_fsdp2_adamw(args: argparse.Namespace, cuda: bool, fused: bool) -> dict[s
 
 def bench_fsdp2(args: argparse.Namespace, cuda: bool) -> list[str]:
     """The CPUOffloadPolicy runs; the problems found, as sentences."""
-    result = run_fsdp2_memopt(args, cuda)
-    print(f"offload_step: {result['numel']:,} parameters, FSDP2 CPUOffloadPolicy, topc={args.topc}")
-    _print_result(result)
-    problems = _check(result, cuda)
-    if args.self_check:
-        plain = run_fsdp2_memopt(args, cuda, offload=False)
-        problems += _compare(result, plain)
-    _release(cuda)
+    result, problems = _bench_memopt(args, cuda, run_fsdp2_memopt, "FSDP2 CPUOffloadPolicy")
     if args.no_baseline:
         return problems
     for fused in (False, True):
