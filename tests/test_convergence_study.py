@@ -170,3 +170,15 @@ def test_epoch_report_gives_our_metric_and_the_papers(tmp_path: Path, capsys) ->
     assert "| adamw | 0.02 | - | 0 | 3 of 50 | 200.00 (2) | 195.00 | 190.00 (3) | 60 |" in table
     plot_epochs(store.load_epochs(out), task, tmp_path / "ptb50.png")
     assert (tmp_path / "ptb50.png").stat().st_size > 0
+
+
+def test_ptb_epoch_cost_counts_the_studys_chunks() -> None:
+    """benchmarks/ptb_epoch_cost.py at the study's batch sees the study's epoch (tasks.ptb_steps_per_epoch) and
+    at batch 20 the 21-times longer one; the timed sample is extrapolated and says so."""
+    import ptb_epoch_cost
+
+    seconds, timed, total = ptb_epoch_cost.epoch_seconds("memopt_adamw_cm", tasks.PTB_BATCH, 1)
+    assert (timed, total) == (1, tasks.ptb_steps_per_epoch()) and seconds > 0
+    _seconds, _timed, total20 = ptb_epoch_cost.epoch_seconds("adamw", 20, 1)
+    rows = 929_589 // 20
+    assert total20 == math.ceil((rows - 1) / tasks.PTB_BPTT)

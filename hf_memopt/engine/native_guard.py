@@ -25,6 +25,7 @@ import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from .._env import REQUIRE_EXECUTORS_ENV, cache_root, env_flag, required_executors
 
@@ -105,6 +106,15 @@ def _build() -> None:
         )
 
 
+def _lock_file(f: Any) -> None:
+    """An exclusive lock on the open file ``f`` (released when it closes); none where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent builds then each write their own file (the rename is atomic)
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+
+
 def _build_and_import() -> ModuleType:
     if not env_flag(SWITCH_ENV, default=True):
         raise RuntimeError(f"{SWITCH_ENV}=0 turns it off")
@@ -131,14 +141,20 @@ def _build_and_import() -> ModuleType:
     out = cache_dir() / f"{_NAME}-{tag}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            tmp_out = Path(tmp) / out.name
-            done = subprocess.run([cxx, *flags, str(_SRC), "-o", str(tmp_out), *libs], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(
-                    f"{cxx} could not build {_SRC.name} (exit {done.returncode}):\n{done.stderr[-4000:]}"
-                )
-            os.replace(tmp_out, out)  # atomic: concurrent processes never load a half-written file
+        # one build per machine: the ranks of a job started together wait for the first one's (each is
+        # 20-40 s of a core and a few hundred MB) instead of all compiling the same file
+        with open(out.with_suffix(".lock"), "w") as lock:
+            _lock_file(lock)
+            if not out.exists():
+                with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                    tmp_out = Path(tmp) / out.name
+                    cmd = [cxx, *flags, str(_SRC), "-o", str(tmp_out), *libs]
+                    done = subprocess.run(cmd, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        raise RuntimeError(
+                            f"{cxx} could not build {_SRC.name} (exit {done.returncode}):\n{done.stderr[-4000:]}"
+                        )
+                    os.replace(tmp_out, out)  # atomic: a process never loads a half-written file
     loader = importlib.machinery.ExtensionFileLoader(_NAME, str(out))
     spec = importlib.util.spec_from_file_location(_NAME, str(out), loader=loader)
     assert spec is not None
