@@ -97,14 +97,17 @@ def plot_epochs(epochs: list[dict[str, Any]], task: Task, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    with_test = False
     for run, rows in epoch_curves(epochs, task):
         x = [e["step"] // task.eval_every for e in rows]
         label = f"{run['optimizer']}, lr={run['lr']:g}" + (f", {knobs(run['memory'])}" if run["memory"] else "")
         (line,) = ax.plot(x, [e["value"] for e in rows], "-", marker="o", markersize=3, label=f"{label}: validation")
         if all("test" in e for e in rows):
             ax.plot(x, [e["test"] for e in rows], ":", color=line.get_color(), label=f"{label}: test")
+            with_test = True
     ax.set_xlabel("epoch")
-    ax.set_ylabel(task.metric)
+    # the task's metric names the validation split; with test curves beside it, the axis holds both
+    ax.set_ylabel(task.metric.replace("validation ", "") + " (validation, test)" if with_test else task.metric)
     if not task.higher_is_better:
         ax.set_yscale("log")
     ax.set_title(f"{task.name}: after every epoch (seed 0)")
