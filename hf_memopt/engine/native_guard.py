@@ -12,6 +12,7 @@ at once and a failure raises. ``HF_MEMOPT_NATIVE_GUARD=0`` turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -23,9 +24,9 @@ import sys
 import sysconfig
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from .._env import REQUIRE_EXECUTORS_ENV, cache_root, env_flag, required_executors
 
@@ -106,13 +107,22 @@ def _build() -> None:
         )
 
 
-def _lock_file(f: Any) -> None:
-    """An exclusive lock on the open file ``f`` (released when it closes); none where fcntl is missing."""
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` while the block runs (none where fcntl is missing: concurrent
+    builds then each write their own file, and the rename is atomic). Unlocked explicitly: a process forked
+    meanwhile (a DataLoader worker) holds a copy of the descriptor, which would keep the lock alive."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: concurrent builds then each write their own file (the rename is atomic)
+    except ImportError:
+        yield
         return
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    with open(path, "w") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _build_and_import() -> ModuleType:
@@ -143,8 +153,7 @@ def _build_and_import() -> ModuleType:
         out.parent.mkdir(parents=True, exist_ok=True)
         # one build per machine: the ranks of a job started together wait for the first one's (each is
         # 20-40 s of a core and a few hundred MB) instead of all compiling the same file
-        with open(out.with_suffix(".lock"), "w") as lock:
-            _lock_file(lock)
+        with _locked(out.with_suffix(".lock")):
             if not out.exists():
                 with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                     tmp_out = Path(tmp) / out.name
