@@ -439,3 +439,40 @@ def test_the_step_that_allocates_the_memory_reads_no_device_counter(executor, mo
     with caplog.at_level("INFO", logger="hf_memopt"):
         opt.step()
     assert any("GB of optimizer state" in r.getMessage() for r in caplog.records)
+
+
+# -- a ledger scalar given new storage, then the ledger moves to another executor -------------------------
+
+
+SWITCHES = [
+    pytest.param("triton", "torch", marks=needs("triton")),
+    pytest.param("torch", "triton", marks=needs("triton")),
+    pytest.param("cpu", "triton", marks=needs("cpu", "triton")),
+    pytest.param("triton", "cpu", marks=needs("cpu", "triton")),
+    pytest.param("cpu", "torch", marks=needs("cpu")),
+]
+
+
+@pytest.mark.parametrize("key", ["priority_1", "stored_at_0", "memory_count"])
+@pytest.mark.parametrize("first,then", SWITCHES)
+def test_a_ledger_scalar_moved_away_then_an_executor_switch_matches_torch(first, then, key):
+    """``state[p][key].data = clone`` on a scalar of the ledger other than its anchor: the table stays the
+    truth (docs/design.md) on every executor, and when the ledger moves to another executor its rows are
+    copied from the table, the moved scalar keeping its own tensor, as on an optimizer that never switches
+    (found by 300 random sequences: Critical Momenta, triton -> torch, sequence 29)."""
+    params = make_params()
+    ref_params = clone_params(params)
+    opt, ref = _opt(params, first), _opt(ref_params, "torch")
+    stream = _stream(8)
+    for o, ps in ((opt, params), (ref, ref_params)):
+        _run(o, ps, stream[:3])
+        state = o.state[ps[0]]
+        state[key].data = state[key].data.clone()
+        _run(o, ps, stream[3:5])
+    opt.executor = then
+    _run(opt, params, stream[5:])
+    _run(ref, ref_params, stream[5:])
+    assert opt.executor_for(0) == then
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    _assert_same(_memory(opt, params), _memory(ref, ref_params), exact=False)

@@ -87,7 +87,10 @@ class EngineState:
         """Drop everything cached about the state's layout (after a load, a new group, new segments)."""
         self.layout_version += 1
         self.cache = {}
+        # every ledger is gathered again from the state's scalars, host and device alike (an executor that
+        # moves a ledger copies its live table only between invalidations: state.live_tables)
         self.ledgers = {}
+        self.device_ledgers = {}
 
     def copy_for(self, segments: dict[int, list[tuple[int, int]]]) -> EngineState:
         """A new state for a copy of the optimizer: its ``segments`` (keyed by the copy's parameters), these

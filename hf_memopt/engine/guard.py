@@ -85,23 +85,12 @@ class StateView:
             return False
         if not self.plain:
             return _ptrs(tensors) == self.ptrs
-        if _PTRS_EQUAL is not None:
-            return _PTRS_EQUAL(tensors, self.ptrs, self.indices)
         return list(map(Tensor.data_ptr, tensors)) == self.ptrs
 
     @functools.cached_property
     def plain(self) -> bool:
         """No DTensor among them (whose pointers are their local parts')."""
         return all(type(t) in _PLAIN for t in self.tensors)
-
-    @functools.cached_property
-    def indices(self) -> list[int]:
-        return list(range(len(self.tensors)))
-
-
-#: torch's C++ check that tensors still have given data pointers (CUDA builds; what CUDA-graph trees use):
-#: thousands of tensors in microseconds. Elsewhere the pointers are read one by one (about 0.1 us each).
-_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 
 def _ptrs(tensors: list[Tensor]) -> list[int]:
@@ -164,7 +153,7 @@ def check_counts(opt: Any, work: Any) -> None:
     clamps it."""
     topc, state, ledgers = work.cfg.topc, opt.state, opt._engine.ledgers
     for p in work.lists["params"]:
-        count = st.ledger_of(state[p], topc, ledgers).count
+        count = st.ledger_of(state[p], topc, ledgers, opt._engine.device_ledgers).count
         if count.min() < 0 or count.max() > topc:
             bad = int(count[(count < 0) | (count > topc)][0])
             raise ValueError(

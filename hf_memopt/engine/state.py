@@ -103,29 +103,92 @@ def init_state(p: Tensor, state: dict[str, Any], cfg: MemoryConfig, units: int) 
     )
 
 
-def bind_scalars(state: dict[str, Any], pri: Tensor, at: Tensor, count: Tensor, clock: Tensor) -> None:
-    """Point the state's per-slot scalars at rows of ledger tables (``pri``/``at`` [U, C], ``count``/``clock`` [U])."""
+#: one parameter's ledger rows: priorities [U, C], stored_at [U, C], count [U], clock [U]
+Tables = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def bind_scalars(
+    state: dict[str, Any], pri: Tensor, at: Tensor, count: Tensor, clock: Tensor, keep: frozenset[str] = frozenset()
+) -> None:
+    """Point the state's per-slot scalars at rows of ledger tables (``pri``/``at`` [U, C], ``count``/``clock`` [U]);
+    the keys in ``keep`` are left as they are (see :func:`live_tables`)."""
     units, topc = pri.shape
     for i in range(topc):
-        state[f"priority_{i}"] = _scalar_view(pri, i, units)
-        state[f"stored_at_{i}"] = _scalar_view(at, i, units)
-    state["memory_count"] = _vector_view(count, units)
-    state["memory_clock"] = _vector_view(clock, units)
+        for key, table in ((f"priority_{i}", pri), (f"stored_at_{i}", at)):
+            if key not in keep:
+                state[key] = _scalar_view(table, i, units)
+    for key, vec in (("memory_count", count), ("memory_clock", clock)):
+        if key not in keep:
+            state[key] = _vector_view(vec, units)
 
 
-def ledger_of(state: dict[str, Any], topc: int, cache: dict[int, Ledger]) -> Ledger:
-    """The numpy ledger of a parameter's state, rebuilt when the state tensors were replaced (a load)."""
+def live_tables(
+    state: dict[str, Any], cache: dict[int, Ledger], device_ledgers: dict[int, tuple[Tensor, Any, int, int]]
+) -> tuple[Tables, frozenset[str]] | None:
+    """The ledger rows the state's scalars are views of, when its anchor (``priority_0``) is still bound to a
+    live table (a host ledger, or a device ledger of the "triton" executor), and the scalar keys that no
+    longer are such views (given new storage or replaced by hand). None: not bound (a load, a state moved
+    with ``.data =``), and the state's scalars are the truth.
+
+    A ledger moving between executors is copied from these rows, not from the scalars: the table is the
+    truth (docs/design.md), and a scalar that left it keeps its own (stale) tensor, as it does where no
+    executor changes."""
+    anchor = state["priority_0"]
+    led = cache.get(id(anchor))
+    tables: Tables | None = None
+    if led is not None and bound(led, anchor):
+        tables = tuple(torch.from_numpy(a) for a in (led.priorities, led.stored_at, led.count, led.clock))  # type: ignore[assignment]
+    else:
+        entry = device_ledgers.get(id(anchor))
+        if entry is not None and entry[0] is anchor:
+            _anchor, ledger, r, units = entry
+            rows = slice(r, r + units)
+            if anchor.data_ptr() == ledger.pri[rows].data_ptr():
+                tables = (ledger.pri[rows], ledger.at[rows], ledger.count[rows], ledger.clock[rows])
+    if tables is None:
+        return None
+    pri, at, count, clock = tables
+    expected = {"memory_count": count.data_ptr(), "memory_clock": clock.data_ptr()}
+    for i in range(pri.shape[1]):
+        expected[f"priority_{i}"] = pri.data_ptr() + i * pri.stride(1) * pri.element_size()
+        expected[f"stored_at_{i}"] = at.data_ptr() + i * at.stride(1) * at.element_size()
+    stale = frozenset(
+        k
+        for k, ptr in expected.items()
+        if not (isinstance(state.get(k), Tensor) and state[k].device == pri.device and state[k].data_ptr() == ptr)
+    )
+    return tables, stale
+
+
+def ledger_of(
+    state: dict[str, Any],
+    topc: int,
+    cache: dict[int, Ledger],
+    device_ledgers: dict[int, tuple[Tensor, Any, int, int]] | None = None,
+) -> Ledger:
+    """The numpy ledger of a parameter's state, rebuilt when the state tensors were replaced (a load) or the
+    ledger lives on a device (``device_ledgers``: the "triton" executor's, copied from its rows)."""
     anchor = state["priority_0"]
     led = cache.get(id(anchor))
     if led is not None and bound(led, anchor):
         return led
     units = 1 if anchor.dim() == 0 else anchor.shape[0]
-    # Gather (copy) whatever the state holds into fresh tables, then make the state views of them.
-    pri = torch.stack([state[f"priority_{i}"].detach().to("cpu", torch.float32).reshape(units) for i in range(topc)], 1)
-    at = torch.stack([state[f"stored_at_{i}"].detach().to("cpu", torch.int64).reshape(units) for i in range(topc)], 1)
-    count = state["memory_count"].detach().to("cpu", torch.int64).reshape(units).clone()
-    clock = state["memory_clock"].detach().to("cpu", torch.int64).reshape(units).clone()
-    bind_scalars(state, pri, at, count, clock)
+    live = live_tables(state, cache, device_ledgers or {})
+    keep: frozenset[str] = frozenset()
+    if live is not None:  # the table is the truth: copy its rows
+        (pri, at, count, clock), keep = live
+        pri, at = pri.detach().to("cpu", torch.float32).clone(), at.detach().to("cpu", torch.int64).clone()
+        count, clock = count.detach().to("cpu", torch.int64).clone(), clock.detach().to("cpu", torch.int64).clone()
+    else:  # gather (copy) whatever the state holds into fresh tables
+        pri = torch.stack(
+            [state[f"priority_{i}"].detach().to("cpu", torch.float32).reshape(units) for i in range(topc)], 1
+        )
+        at = torch.stack(
+            [state[f"stored_at_{i}"].detach().to("cpu", torch.int64).reshape(units) for i in range(topc)], 1
+        )
+        count = state["memory_count"].detach().to("cpu", torch.int64).reshape(units).clone()
+        clock = state["memory_clock"].detach().to("cpu", torch.int64).reshape(units).clone()
+    bind_scalars(state, pri, at, count, clock, keep)
     led = Ledger(pri.numpy(), at.numpy(), count.numpy(), clock.numpy(), state["priority_0"])
     cache.pop(id(anchor), None)
     cache[id(led.anchor)] = led

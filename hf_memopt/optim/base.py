@@ -273,7 +273,9 @@ class MemoryAugmentedOptimizer:
         call, the state stays bound to the device), else the host ledger."""
         bound = self._engine.device_ledgers.get(id(state["priority_0"]))
         if bound is None or bound[0] is not state["priority_0"]:
-            return st.ledger_of(state, _ledger_width(state, self._engine.ledgers), self._engine.ledgers)
+            return st.ledger_of(
+                state, _ledger_width(state, self._engine.ledgers), self._engine.ledgers, self._engine.device_ledgers
+            )
         _anchor, ledger, row, units = bound
         snap = snapshots.get(id(ledger))
         if snap is None:

@@ -246,7 +246,7 @@ class _FusedTable:
             tensors = [lp, *moments, s, *([vmax] if vmax is not None else [])]
             # unavailable() judged this state (contiguous fp32, slots of the buffer dtype) and the guard
             # checked every size against the parameter's: what follows reads inside those buffers
-            led = st.ledger_of(state, cfg.topc, opt._engine.ledgers)
+            led = st.ledger_of(state, cfg.topc, opt._engine.ledgers, opt._engine.device_ledgers)
             self.ledgers.append(led)
             self.anchors.append(state["priority_0"])
             self.anchor_ptrs.append(led.priorities.ctypes.data)

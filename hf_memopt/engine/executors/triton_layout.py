@@ -240,24 +240,27 @@ def _bind_group_ledger(opt: Any, group: dict[str, Any], topc: int, device: torch
             continue
         anchor = state["priority_0"]
         units = 1 if anchor.dim() == 0 else anchor.shape[0]
-        pri.append(
-            torch.stack([state[f"priority_{i}"].detach().reshape(units) for i in range(topc)], 1).to(
-                device, torch.float32
+        live = st.live_tables(state, opt._engine.ledgers, opt._engine.device_ledgers)
+        if live is not None:  # bound to a table (host, or a device ledger being rebuilt): its rows are the truth
+            (t_pri, t_at, t_count, t_clock), keep = live
+        else:  # a load or a moved state: the scalars are the truth
+            t_pri = torch.stack([state[f"priority_{i}"].detach().reshape(units) for i in range(topc)], 1)
+            t_at = torch.stack([state[f"stored_at_{i}"].detach().reshape(units) for i in range(topc)], 1)
+            t_count, t_clock = (
+                state["memory_count"].detach().reshape(units),
+                state["memory_clock"].detach().reshape(units),
             )
-        )
-        at.append(
-            torch.stack([state[f"stored_at_{i}"].detach().reshape(units) for i in range(topc)], 1).to(
-                device, torch.int64
-            )
-        )
-        count.append(state["memory_count"].detach().reshape(units).to(device, torch.int64))
-        clock.append(state["memory_clock"].detach().reshape(units).to(device, torch.int64))
+            keep = frozenset()
+        pri.append(t_pri.to(device, torch.float32))
+        at.append(t_at.to(device, torch.int64))
+        count.append(t_count.to(device, torch.int64))
+        clock.append(t_clock.to(device, torch.int64))
         first[id(p)] = rows
         opt._engine.device_ledgers.pop(id(anchor), None)
-        states.append((p, state, units))
+        states.append((p, state, units, keep))
         rows += units
     ledger = DeviceLedger(torch.cat(pri), torch.cat(at), torch.cat(count), torch.cat(clock), first)
-    for p, state, units in states:
+    for p, state, units, keep in states:
         r = first[id(p)]
         st.bind_scalars(
             state,
@@ -265,6 +268,7 @@ def _bind_group_ledger(opt: Any, group: dict[str, Any], topc: int, device: torch
             ledger.at[r : r + units],
             ledger.count[r : r + units],
             ledger.clock[r : r + units],
+            keep,
         )
         opt._engine.device_ledgers[id(state["priority_0"])] = (state["priority_0"], ledger, r, units)
     return ledger
