@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -376,43 +377,49 @@ _NO_ADAM = dict(
 )
 
 
+@dataclass(eq=False)
+class _Counted:
+    """What ``_adam_scalars`` knows of a group's step counters after its last step."""
+
+    view: Any  # the state view they belong to (the same view: the same counter objects and storages)
+    pooled: Tensor | None  # the one tensor they are views of (st.pool_steps), else None
+    seen: Any  # the version counter(s) after the last count: another writer changes them
+    count: float  # their value
+
+
 def _adam_scalars(opt: Any, w: Any) -> dict[str, float] | None:
     """This step's Adam/AdamW scalars, as torch's single-tensor update computes them (Python floats),
     after counting the step; None when the group's step counters differ (torch's own update then runs
     on the aggregates, and counts the step itself).
 
     The counters are CPU tensors (reading them waits for nothing). They are read once; after that the
-    executor knows their value while their version counters say nothing else wrote them."""
+    executor knows their value while their version counters say nothing else wrote them. Pooled counters
+    (views of one tensor) are counted through numpy: one add, no torch op (a dispatch costs microseconds)
+    and no version bump, so a later bump is someone else's write."""
     args = w.update.kernel_args(w.group, w.lists)
     key = ("triton-steps", w.index)
-    known = opt._engine.cache.get(key)
-    if known is not None and known[0] is w.view and known[1] is not None and known[1]._version == known[2]:
-        # the same step tensors, views into one pooled counter (st.pool_steps) nothing else wrote since
-        pooled, count = known[1], known[3]
-        counters = known[4]
-        counters += 1  # through numpy: a torch op costs microseconds of dispatch; no one else wrote it since
-        t = count + 1
-        opt._engine.cache[key] = (w.view, pooled, known[2], t, known[4])
-        return _adam_dict(args, t)
+    known: _Counted | None = opt._engine.cache.get(key)
+    same = known is not None and known.view is w.view
+    if same and known.pooled is not None and known.pooled._version == known.seen:
+        pooled, count = known.pooled, known.count
     else:
         pooled = st.pooled_steps(args.steps)
-        versions = tuple(s._version for s in args.steps)
-        if known is not None and known[0] is w.view and known[2] == versions:
-            count = known[3]
+        if same and known.pooled is None and known.seen == tuple(s._version for s in args.steps):
+            count = known.count
         else:
             counts = [float(s) for s in args.steps]
             if not counts or any(c != counts[0] for c in counts):
                 return None
             count = counts[0]
     if pooled is not None:
-        pooled.add_(1)  # one op for every counter of the group
+        counters = pooled.numpy()
+        counters += 1
         seen: Any = pooled._version
     else:
         torch._foreach_add_(args.steps, 1)
         seen = tuple(s._version for s in args.steps)
-    t = count + 1
-    opt._engine.cache[key] = (w.view, pooled, seen, t, pooled.numpy() if pooled is not None else None)
-    return _adam_dict(args, t)
+    opt._engine.cache[key] = _Counted(w.view, pooled, seen, count + 1)
+    return _adam_dict(args, count + 1)
 
 
 def _adam_dict(args: Any, t: float) -> dict[str, float]:
