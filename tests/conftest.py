@@ -31,3 +31,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["native", "python"])
+def checker(request, monkeypatch):
+    """Each implementation of the identity rule (hf_memopt.engine.identity) in turn: the C++ one (required
+    where CI requires "guard") and the Python one."""
+    from hf_memopt.engine import native_guard
+    from tests.executors_available import require_or_skip
+
+    if request.param == "native":
+        require_or_skip("guard")
+        module = native_guard.load()
+        assert module is not None
+        monkeypatch.setattr(native_guard, "load", lambda: module)
+    else:
+        monkeypatch.setattr(native_guard, "load", lambda: None)
+    return request.param

@@ -246,11 +246,49 @@ def test_a_memory_count_edited_out_of_range_raises_before_anything_is_written(ex
         opt.norm_reducer = lambda units, sq: sq  # decisions on the host, as in sharded runs
     _run(opt, params, _stream(4))
     opt.state[params[2]]["memory_count"].fill_(count)  # topc is 3
+    _step_raises_before_writing(opt, params, r"memory_count .*outside \[0, topc=3\]")
+
+
+def _step_raises_before_writing(opt, params, match):
+    """The next step (fresh gradients) raises ``ValueError`` matching ``match`` and changes nothing."""
     set_grads(params, _stream(1, seed=3)[0])
     before = _snapshot(opt, params)
-    with pytest.raises(ValueError, match=r"memory_count .*outside \[0, topc=3\]"):
+    with pytest.raises(ValueError, match=match):
         opt.step()
     _assert_unchanged(before, _snapshot(opt, params))
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("count", [7, -1])
+@pytest.mark.parametrize("how", [".data", "replaced"])
+@pytest.mark.parametrize("optimizer", ["adamw", "cm"])
+def test_a_memory_count_replaced_out_of_range_raises_before_anything_is_written(executor, count, how, optimizer):
+    """A count given new storage or replaced is read back (the scalars are the truth) and range-checked on
+    every executor, "triton" included (it gathers the ledger then), before Critical Momenta's momenta move."""
+    params = make_params()
+    cls = hf_memopt.MemoryAugmentedAdamW if optimizer == "adamw" else hf_memopt.CriticalMomentaAdamW
+    opt = cls(params, lr=1e-2, topc=3, decay=0.8, executor=executor)
+    _run(opt, params, _stream(4))
+    state = opt.state[params[2]]
+    if how == ".data":
+        state["memory_count"].data = torch.tensor(count)
+    else:
+        state["memory_count"] = torch.tensor(count)
+    _step_raises_before_writing(
+        opt, params, r"param group 0, parameter 2: its memory_count of .* outside \[0, topc=3\]"
+    )
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("key", ["priority_1", "stored_at_0", "memory_clock"])
+def test_a_ledger_scalar_replaced_by_a_tensor_of_another_size_raises_before_anything_is_written(executor, key):
+    params = make_params()
+    opt = _opt(params, executor)
+    _run(opt, params, _stream(4))
+    opt.state[params[1]][key] = torch.zeros(3, dtype=opt.state[params[1]][key].dtype)
+    _step_raises_before_writing(
+        opt, params, rf"param group 0, parameter 1: optimizer state '{key}' has 3 element\(s\), but its parameter"
+    )
 
 
 @needs("triton")
@@ -441,7 +479,64 @@ def test_the_step_that_allocates_the_memory_reads_no_device_counter(executor, mo
     assert any("GB of optimizer state" in r.getMessage() for r in caplog.records)
 
 
-# -- a ledger scalar given new storage, then the ledger moves to another executor -------------------------
+# -- the ledger's scalars are the truth, as torch's state tensors are ------------------------------------
+
+
+EDITS = {"priority_1": lambda t: t + 1e6, "memory_count": lambda t: t - 1, "memory_clock": lambda t: t + 1000}
+
+
+def _edit(state, key, how):
+    value = EDITS[key](state[key].detach().clone())
+    if how == "in place":
+        state[key].copy_(value)
+    elif how == ".data":
+        state[key].data = value
+    else:
+        state[key] = value
+
+
+def _edited_run(executor, key, how, when, then=None):
+    """Three steps, then (``when``) the edit of parameter 0's ``key`` by ``how``, then five steps (with the
+    executor switched to ``then`` after the first two); after a load, parameter 0 has no gradient at the
+    first step, so that executors binding its ledger at different times see the edit alike."""
+    params = make_params()
+    opt = _opt(params, executor)
+    stream = _stream(8)
+    _run(opt, params, stream[:3])
+    if when == "after a load":
+        saved = copy.deepcopy(opt.state_dict())
+        opt = _opt(params, executor)
+        opt.load_state_dict(saved)
+        _run(opt, params, [[None, *stream[3][1:]]])
+    if key is not None:
+        _edit(opt.state[params[0]], key, how)
+    _run(opt, params, stream[4:6])
+    if then is not None:
+        opt.executor = then
+    _run(opt, params, stream[6:])
+    return opt, params
+
+
+def _final(opt, params):
+    return {**_memory(opt, params), **{("p", i): p.detach().clone() for i, p in enumerate(params)}}
+
+
+@pytest.mark.parametrize("when", ["between steps", "after a load"])
+@pytest.mark.parametrize("how", [".data", "replaced"])
+@pytest.mark.parametrize("key", list(EDITS))
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_ledger_scalar_given_new_storage_or_replaced_is_read_back(checker, executor, key, how, when):
+    """``state[p][key].data = new`` or ``state[p][key] = new`` on one of the memory's scalars: the next step
+    reads the new value, as torch's optimizers read a replaced ``state[p]["step"]``, on every executor. The
+    expectation is the same value written in place on the "torch" executor (in place, the scalar stays a
+    view of the ledger every executor reads); the edit must change the run (checked against no edit)."""
+    opt, params = _edited_run(executor, key, how, when)
+    ref, ref_params = _edited_run("torch", key, "in place", when)
+    untouched, untouched_params = _edited_run("torch", None, None, when)
+    got, want = _final(opt, params), _final(ref, ref_params)
+    _assert_same(got, want, exact=executor == "torch")
+    unchanged = _final(untouched, untouched_params)
+    assert any(not torch.equal(want[k], unchanged[k]) for k in want), "the edit did not change the run"
 
 
 SWITCHES = [
@@ -453,26 +548,12 @@ SWITCHES = [
 ]
 
 
-@pytest.mark.parametrize("key", ["priority_1", "stored_at_0", "memory_count"])
+@pytest.mark.parametrize("key", list(EDITS))
 @pytest.mark.parametrize("first,then", SWITCHES)
-def test_a_ledger_scalar_moved_away_then_an_executor_switch_matches_torch(first, then, key):
-    """``state[p][key].data = clone`` on a scalar of the ledger other than its anchor: the table stays the
-    truth (docs/design.md) on every executor, and when the ledger moves to another executor its rows are
-    copied from the table, the moved scalar keeping its own tensor, as on an optimizer that never switches
-    (found by 300 random sequences: Critical Momenta, triton -> torch, sequence 29)."""
-    params = make_params()
-    ref_params = clone_params(params)
-    opt, ref = _opt(params, first), _opt(ref_params, "torch")
-    stream = _stream(8)
-    for o, ps in ((opt, params), (ref, ref_params)):
-        _run(o, ps, stream[:3])
-        state = o.state[ps[0]]
-        state[key].data = state[key].data.clone()
-        _run(o, ps, stream[3:5])
-    opt.executor = then
-    _run(opt, params, stream[5:])
-    _run(ref, ref_params, stream[5:])
+def test_a_ledger_scalar_given_new_storage_then_an_executor_switch_matches_torch(first, then, key):
+    """The same ``.data`` edit, then the ledger moves to another executor (host <-> device): the edited value
+    is what moves (found by 300 random sequences: Critical Momenta, triton -> torch, sequence 29)."""
+    opt, params = _edited_run(first, key, ".data", "between steps", then=then)
+    ref, ref_params = _edited_run("torch", key, "in place", "between steps")
     assert opt.executor_for(0) == then
-    for p, q in zip(params, ref_params):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    _assert_same(_memory(opt, params), _memory(ref, ref_params), exact=False)
+    _assert_same(_final(opt, params), _final(ref, ref_params), exact=False)

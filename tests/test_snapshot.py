@@ -10,20 +10,8 @@ import pytest
 import torch
 
 import hf_memopt
-from hf_memopt.engine import native_guard, snapshot
+from hf_memopt.engine import snapshot
 from tests.executors_available import require_or_skip
-
-
-@pytest.fixture(params=["native", "python"])
-def checker(request, monkeypatch):
-    if request.param == "native":
-        require_or_skip("guard")
-        module = native_guard.load()
-        assert module is not None
-        monkeypatch.setattr(native_guard, "load", lambda: module)
-    else:
-        monkeypatch.setattr(native_guard, "load", lambda: None)
-    return request.param
 
 
 def _model(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -78,12 +66,21 @@ ACTIONS = {
         o.state[ps[0]]["priority_0"], "data", o.state[ps[0]]["priority_0"].data.clone()
     ),
     "load_state_dict": lambda ps, o: o.load_state_dict(o.state_dict()),
+    # the ledger's scalars are the truth: one given new storage or replaced, with a new value, is read back
+    "memory_clock storage swapped": lambda ps, o: setattr(
+        o.state[ps[1]]["memory_clock"], "data", o.state[ps[1]]["memory_clock"].data + 100
+    ),
+    "priority_1 replaced": lambda ps, o: o.state[ps[2]].__setitem__("priority_1", o.state[ps[2]]["priority_1"] * 1e3),
+    "stored_at_1 storage swapped": lambda ps, o: setattr(
+        o.state[ps[0]]["stored_at_1"], "data", o.state[ps[0]]["stored_at_1"].data.clone()
+    ),
 }
 RAISES = {"memory_sum narrowed in place"}
 #: values edited in place: nothing structural changed (the snapshot may hold), the step must still match torch
 VALUE_EDITS = {"step counter edited", "slot values edited"}
 #: refused by a forced fast executor (ValueError naming why); "auto" falls back to "torch" for the step
 REFUSED_WHEN_FORCED = {"a gradient not contiguous"}
+LEDGER_KEYS = ("priority_0", "priority_1", "stored_at_0", "stored_at_1", "memory_count", "memory_clock")
 #: the fast executor's name per executor argument
 RUNS = {"auto": "cpu", "triton": "triton"}
 
@@ -137,7 +134,7 @@ def test_action_breaks_the_snapshot_and_the_step_matches_torch(checker, executor
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     for p, q in zip(params, ref_params):
-        for key in ("memory_0", "memory_1", "memory_sum", "exp_avg", "exp_avg_sq", "step"):
+        for key in ("memory_0", "memory_1", "memory_sum", "exp_avg", "exp_avg_sq", "step", *LEDGER_KEYS):
             torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=0, atol=1e-6)
 
 

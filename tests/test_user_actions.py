@@ -101,8 +101,8 @@ def _act(rng, runs, executors):
             state = run.opt.state[run.params[i]]
             if action == "swap_state":
                 state[key].data = state[key].data.clone()
-            elif not key.startswith(("priority_", "stored_at_", "memory_count", "memory_clock")):
-                state[key] = state[key].clone()  # a new tensor object in the state
+            else:
+                state[key] = state[key].clone()  # a new tensor object in the state (the ledger's scalars too)
     elif action == "add":
         if len(runs[0].opt.param_groups) == 1:
             new = torch.randn(4, generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))

@@ -25,7 +25,8 @@ Glossary:
   ``stored_at`` per slot, the count of filled slots and the clock; the state's ``priority_i``,
   ``stored_at_i``, ``memory_count`` and ``memory_clock`` are views into it. It lives on the host
   (numpy views, the "torch" and "cpu" executors) or, under the "triton" executor, on the parameters'
-  device (``opt._engine.device_ledgers``), and moves when another executor takes the group;
+  device (``opt._engine.device_ledgers``), and moves when another executor takes the group. The scalars
+  are the truth: a ledger is used while every scalar is the view it bound (``state.Binding``);
 * **clock**: how many steps a unit took part in (had a gradient);
 * **refresh**: every ``REFRESH_INTERVAL`` (128) ticks of a unit's clock, ``S`` (``memory_sum``, the
   running sum of the slots) is rebuilt exactly from the slots, so rounding cannot drift.

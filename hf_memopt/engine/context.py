@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .state import Ledger
+from .state import Binding, Ledger
 
 
 class Stats:
@@ -72,8 +72,8 @@ class EngineState:
     ran: dict[int, str] = field(default_factory=dict)
     #: host ledgers by id(priority_0) (:func:`hf_memopt.engine.state.ledger_of`)
     ledgers: dict[int, Ledger] = field(default_factory=dict)
-    #: states whose ledger lives on a device (the "triton" executor): id(priority_0) -> (priority_0, ledger, row, units)
-    device_ledgers: dict[int, tuple[Tensor, Any, int, int]] = field(default_factory=dict)
+    #: states whose ledger lives on a device (the "triton" executor): id(priority_0) -> (binding, ledger, row, units)
+    device_ledgers: dict[int, tuple[Binding, Any, int, int]] = field(default_factory=dict)
     #: executors' caches: state views (:mod:`.guard`), kernel tables, Triton layouts; dropped by :meth:`invalidate`
     cache: dict[Any, Any] = field(default_factory=dict)
     #: bumped by :meth:`invalidate`: caches built under another version are stale
@@ -87,8 +87,7 @@ class EngineState:
         """Drop everything cached about the state's layout (after a load, a new group, new segments)."""
         self.layout_version += 1
         self.cache = {}
-        # every ledger is gathered again from the state's scalars, host and device alike (an executor that
-        # moves a ledger copies its live table only between invalidations: state.live_tables)
+        # every ledger is gathered again from the state's scalars, host and device alike
         self.ledgers = {}
         self.device_ledgers = {}
 

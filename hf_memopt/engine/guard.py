@@ -153,7 +153,10 @@ def check_counts(opt: Any, work: Any) -> None:
     clamps it."""
     topc, state, ledgers = work.cfg.topc, opt.state, opt._engine.ledgers
     for p in work.lists["params"]:
-        count = st.ledger_of(state[p], topc, ledgers, opt._engine.device_ledgers).count
+        try:
+            count = st.ledger_of(state[p], topc, ledgers).count
+        except ValueError as err:  # a scalar replaced by hand with one of another size
+            raise ValueError(f"{_where(work, p)}: {err}") from None
         if count.min() < 0 or count.max() > topc:
             bad = int(count[(count < 0) | (count > topc)][0])
             raise ValueError(

@@ -1,6 +1,6 @@
 // The snapshot check of hf_memopt.engine.snapshot in C++: a few nanoseconds per tensor instead of a
 // Python call per tensor (tensor.data_ptr() costs about 85 ns from Python, reading it here about 7).
-// The rule is the Python one (snapshot.PythonChecker); tests/test_snapshot.py holds both to the same cases.
+// The rule is the Python one (identity.PythonChecker); tests/test_snapshot.py holds both to the same cases.
 // Built by hf_memopt/engine/native_guard.py against the installed torch's headers.
 #include <Python.h>
 
@@ -34,11 +34,25 @@ PyObject* set_plain_types(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-bool same_storage(const at::Tensor& t, int64_t ptr, int64_t nbytes) {
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+bool same_storage(const c10::TensorImpl* impl, int64_t ptr, int64_t nbytes) {
   // data() is the storage's address plus the offset: what Tensor.data_ptr() returns
   return impl->has_storage() && reinterpret_cast<int64_t>(impl->data()) == ptr &&
          static_cast<int64_t>(impl->numel() * impl->itemsize()) == nbytes;
+}
+
+// Pass 2 of the checks below: each collected TensorImpl (with its entry's index) still has the data pointer
+// ptrs[k] and the byte size nbytes[k]; the storage of a tensor a few places ahead is prefetched.
+bool same_memory(const std::vector<std::pair<const c10::TensorImpl*, Py_ssize_t>>& impls, const int64_t* ptrs,
+                 const int64_t* nbytes) {
+  constexpr size_t ahead = 8;
+  for (size_t n = 0; n < impls.size(); ++n) {
+    if (n + ahead < impls.size() && impls[n + ahead].first->has_storage()) {
+      __builtin_prefetch(impls[n + ahead].first->unsafe_storage().unsafeGetStorageImpl());
+    }
+    const auto [impl, k] = impls[n];
+    if (!same_storage(impl, ptrs[k], nbytes[k])) return false;
+  }
+  return true;
 }
 
 // grads(params: list, param_ptrs: int64 buffer, param_nbytes: int64 buffer, ptrs: writable int64 buffer)
@@ -77,7 +91,7 @@ PyObject* grads(PyObject*, PyObject* args) {
       }
       const at::Tensor& p = THPVariable_Unpack(o);
       const at::Tensor& g = p.grad();
-      if (!same_storage(p, param_ptrs[i], param_nbytes[i]) || !g.defined() || g.layout() != c10::kStrided || g.sizes() != p.sizes() ||
+      if (!same_storage(p.unsafeGetTensorImpl(), param_ptrs[i], param_nbytes[i]) || !g.defined() || g.layout() != c10::kStrided || g.sizes() != p.sizes() ||
           g.scalar_type() != p.scalar_type() || g.device() != p.device() || !g.is_contiguous()) {
         ok = false;
         break;
@@ -157,17 +171,7 @@ PyObject* same_state(PyObject*, PyObject* args) {
         }
       }
     }
-    // Pass 2: pointers and sizes, the storage of a tensor a few places ahead prefetched.
-    constexpr size_t ahead = 8;
-    for (size_t n = 0; ok && n < impls.size(); ++n) {
-      if (n + ahead < impls.size() && impls[n + ahead].first->has_storage()) {
-        __builtin_prefetch(impls[n + ahead].first->unsafe_storage().unsafeGetStorageImpl());
-      }
-      const auto [impl, k] = impls[n];
-      // data() is the storage's address plus the offset: what Tensor.data_ptr() returns
-      ok = impl->has_storage() && reinterpret_cast<int64_t>(impl->data()) == ptrs[k] &&
-           static_cast<int64_t>(impl->numel() * impl->itemsize()) == nbytes[k];
-    }
+    ok = ok && same_memory(impls, ptrs, nbytes);
   } catch (const std::exception&) {
     ok = false;
   }
@@ -178,13 +182,72 @@ PyObject* same_state(PyObject*, PyObject* args) {
   Py_RETURN_FALSE;
 }
 
+// same_entries(dicts: list, sizes: int64 buffer, keys: list, expected: list, ptrs: int64 buffer,
+//              nbytes: int64 buffer) -> bool
+// Whether each dicts[i] holds exactly sizes[i] entries and, walked in order, its entries are (keys[k], expected[k])
+// (the same key and value objects; k runs over all entries of all dicts), and each value that is a plain tensor
+// still has the data pointer ptrs[k] and the byte size nbytes[k]. Walking a dict's entries in order reads them
+// where they lie, one after another; a lookup by key hashes and probes the dict's index for each.
+PyObject* same_entries(PyObject*, PyObject* args) {
+  PyObject *dicts, *keys, *expected;
+  Py_buffer sb, pb, nb;
+  if (plain_types == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "set_plain_types was not called");
+    return nullptr;
+  }
+  if (!PyArg_ParseTuple(args, "O!y*O!O!y*y*", &PyList_Type, &dicts, &sb, &PyList_Type, &keys, &PyList_Type,
+                        &expected, &pb, &nb))
+    return nullptr;
+  const Py_ssize_t nd = PyList_GET_SIZE(dicts), total = PyList_GET_SIZE(expected);
+  const auto* sizes = static_cast<const int64_t*>(sb.buf);
+  const auto* ptrs = static_cast<const int64_t*>(pb.buf);
+  const auto* nbytes = static_cast<const int64_t*>(nb.buf);
+  bool ok = sb.len == nd * static_cast<Py_ssize_t>(sizeof(int64_t)) && PyList_GET_SIZE(keys) == total &&
+            pb.len == total * static_cast<Py_ssize_t>(sizeof(int64_t)) && nb.len == pb.len;
+  // Two passes, as in same_state: identities first (prefetching the TensorImpls), then pointers and sizes.
+  std::vector<std::pair<const c10::TensorImpl*, Py_ssize_t>> impls;
+  if (ok) impls.reserve(static_cast<size_t>(total));
+  try {
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; ok && i < nd; ++i) {
+      PyObject* d = PyList_GET_ITEM(dicts, i);
+      if (!PyDict_Check(d) || PyDict_GET_SIZE(d) != sizes[i] || k + sizes[i] > total) {
+        ok = false;
+        break;
+      }
+      Py_ssize_t pos = 0;
+      PyObject *key, *value;  // borrowed
+      while (ok && PyDict_Next(d, &pos, &key, &value)) {
+        if (key != PyList_GET_ITEM(keys, k) || value != PyList_GET_ITEM(expected, k)) {
+          ok = false;
+        } else if (plain(value)) {
+          const c10::TensorImpl* impl = THPVariable_Unpack(value).unsafeGetTensorImpl();
+          __builtin_prefetch(impl);
+          impls.emplace_back(impl, k);
+        }
+        ++k;
+      }
+    }
+    ok = ok && k == total;
+    ok = ok && same_memory(impls, ptrs, nbytes);
+  } catch (const std::exception&) {
+    ok = false;
+  }
+  PyBuffer_Release(&sb);
+  PyBuffer_Release(&pb);
+  PyBuffer_Release(&nb);
+  if (ok) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 // The module's ABI: the loader refuses a library whose version differs.
-PyObject* version(PyObject*, PyObject*) { return PyLong_FromLong(3); }
+PyObject* version(PyObject*, PyObject*) { return PyLong_FromLong(4); }
 
 PyMethodDef methods[] = {
     {"set_plain_types", set_plain_types, METH_VARARGS, "set_plain_types((torch.Tensor, torch.nn.Parameter))"},
     {"grads", grads, METH_VARARGS, "grads(params, param_ptrs, param_nbytes, ptrs) -> list | None"},
     {"same_state", same_state, METH_VARARGS, "same_state(dicts, keys, expected, ptrs, nbytes) -> bool"},
+    {"same_entries", same_entries, METH_VARARGS, "same_entries(dicts, sizes, keys, expected, ptrs, nbytes) -> bool"},
     {"version", version, METH_NOARGS, "the module's ABI version"},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -1,4 +1,4 @@
-"""Loader of the C++ snapshot check (``native_guard.cpp``), the fast form of :class:`.snapshot.PythonChecker`.
+"""Loader of the C++ snapshot check (``native_guard.cpp``), the fast form of :class:`.identity.PythonChecker`.
 
 Reading a tensor's data pointer from Python costs about 85 ns; a step that re-checks the two thousand
 tensors of GPT-2-small's state (topc 10) spends 0.2 ms on that alone. The C++ module reads them through
@@ -37,7 +37,7 @@ SWITCH_ENV = "HF_MEMOPT_NATIVE_GUARD"
 
 _SRC = Path(__file__).with_name("native_guard.cpp")
 _NAME = "hf_memopt_native_guard"
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-w"]
 
 _lock = threading.Lock()

@@ -134,8 +134,7 @@ def plan_groups(
         cfg = w.cfg
         states = [opt.state[p] for _, (p, *_rest) in out]
         rows = [
-            (st.ledger_of(s, cfg.topc, opt._engine.ledgers, opt._engine.device_ledgers), si)
-            for s, (_, (_p, _i, si, _start)) in zip(states, out)
+            (st.ledger_of(s, cfg.topc, opt._engine.ledgers), si) for s, (_, (_p, _i, si, _start)) in zip(states, out)
         ]
         pri, at, count, clock = st.gather(rows)
         castable = None

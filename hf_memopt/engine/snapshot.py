@@ -16,30 +16,26 @@ state entry or state dict, a parameter added, reordered or without a gradient, a
 load, a gradient of another shape, dtype, device or layout) makes it fail, and the step takes the full
 path: ``_init_group``, the state guard (:mod:`.guard`), the executors' own checks.
 
-The check is one rule with two implementations: :mod:`.native_guard` (C++ against torch's headers, a
-few nanoseconds per tensor; built once into the user cache) and the Python one here, used while the
-native one is unavailable. ``tests/test_snapshot.py`` holds both to the same cases.
+The check is one rule with two implementations (:mod:`.identity`): C++ against torch's headers
+(:mod:`.native_guard`, a few nanoseconds per tensor; built once into the user cache) and Python, used while
+the native one is unavailable. ``tests/test_snapshot.py`` holds both to the same cases.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain, compress, repeat
-from operator import attrgetter, is_, is_not, itemgetter
+from operator import is_
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import native_guard
+from . import identity
 from . import state as st
 from .guard import StateView, group_flags
 
 _PLAIN = (Tensor, torch.nn.Parameter)
-_PLAIN_SET = frozenset(_PLAIN)
-_nbytes, _layout = attrgetter("nbytes"), attrgetter("layout")
-_shape, _dtype, _device = attrgetter("shape"), attrgetter("dtype"), attrgetter("device")
 
 
 @dataclass(eq=False)
@@ -54,9 +50,10 @@ class Snapshot:
     state_obj: Any  # optimizer.state
     state_values: list[dict[str, Any]]  # its values, in order (a replaced per-parameter dict shows here)
     dicts: list[dict[str, Any]]  # optimizer.state[p] for p in params
-    keys: tuple[str, ...]  # the entries of each dict the step reads
-    expected: list[Any]  # those entries, dict by dict
-    ptrs: np.ndarray  # data pointers of the tensor entries, aligned with ``expected`` (int64; -1: not a tensor)
+    sizes: np.ndarray  # how many entries each holds (int64)
+    keys: list[Any]  # their keys, dict by dict, in order
+    expected: list[Any]  # their values, aligned with ``keys``
+    ptrs: np.ndarray  # data pointers of the tensor values, aligned with ``expected`` (int64; -1: not a tensor)
     nbytes: np.ndarray  # their byte sizes
     flags: tuple[Any, ...]  # guard.group_flags of the group
     version: int  # the engine's layout version
@@ -80,58 +77,14 @@ class Snapshot:
             return None
         if any(p.grad is not None for p in self.idle):
             return None
-        checker = native_guard.load() or PythonChecker
+        checker = identity.checker()
         ptrs = np.empty(len(self.params), dtype=np.int64)
         grads = checker.grads(self.params, self.param_ptrs, self.param_nbytes, ptrs)
-        if grads is None or not checker.same_state(self.dicts, self.keys, self.expected, self.ptrs, self.nbytes):
+        if grads is None or not checker.same_entries(
+            self.dicts, self.sizes, self.keys, self.expected, self.ptrs, self.nbytes
+        ):
             return None
         return grads, ptrs
-
-
-class PythonChecker:
-    """The snapshot check in Python: the rule :mod:`.native_guard` implements in C++ (same results)."""
-
-    @staticmethod
-    def grads(
-        params: list[Tensor], param_ptrs: np.ndarray, param_nbytes: np.ndarray, ptrs: np.ndarray
-    ) -> list[Tensor] | None:
-        """Every parameter's gradient, when each parameter still has its data pointer and byte size and each
-        gradient is a plain dense contiguous tensor of its parameter's shape, dtype and device (their data
-        pointers into ``ptrs``); else None."""
-        grads = [p.grad for p in params]
-        n = len(params)
-        if not all(map(is_not, grads, repeat(None))) or not set(map(type, grads)) <= _PLAIN_SET:
-            return None
-        if not np.array_equal(np.fromiter(map(Tensor.data_ptr, params), np.int64, n), param_ptrs):
-            return None
-        if not np.array_equal(np.fromiter(map(_nbytes, params), np.int64, n), param_nbytes):
-            return None
-        if set(map(_layout, grads)) != {torch.strided} or not all(map(Tensor.is_contiguous, grads)):
-            return None
-        for attr in (_shape, _dtype, _device):
-            if list(map(attr, grads)) != list(map(attr, params)):
-                return None
-        ptrs[:] = np.fromiter(map(Tensor.data_ptr, grads), np.int64, n)
-        return grads
-
-    @staticmethod
-    def same_state(
-        dicts: list[dict[str, Any]], keys: tuple[str, ...], expected: list[Any], ptrs: np.ndarray, nbytes: np.ndarray
-    ) -> bool:
-        """Whether ``dicts[i][keys[j]] is expected[k]`` (``k = i * len(keys) + j``) for every i, j, and each of
-        those that is a plain tensor still has the data pointer ``ptrs[k]`` and the byte size ``nbytes[k]``."""
-        get = itemgetter(*keys) if len(keys) > 1 else (lambda d: (d[keys[0]],))
-        try:
-            found = list(chain.from_iterable(map(get, dicts)))
-        except KeyError:
-            return False
-        if len(found) != len(expected) or not all(map(is_, found, expected)):
-            return False
-        tensors = ptrs != -1  # the entries that are plain tensors (the objects are the expected ones)
-        found = list(compress(found, tensors))
-        return np.array_equal(np.fromiter(map(Tensor.data_ptr, found), np.int64, len(found)), ptrs[tensors]) and (
-            np.array_equal(np.fromiter(map(_nbytes, found), np.int64, len(found)), nbytes[tensors])
-        )
 
 
 def take(opt: Any, work: Any) -> Snapshot | None:
@@ -153,13 +106,14 @@ def take(opt: Any, work: Any) -> Snapshot | None:
     if not params or any(type(g) not in _PLAIN for g in lists["grads"]):
         return None
     with_grad = set(map(id, params))
-    keys = [key for name, key in update.state_keys.items() if len(lists[name]) == len(params)]
-    keys += [*st.slot_keys(cfg.topc), "memory_sum", "priority_0"]
+    read = [key for name, key in update.state_keys.items() if len(lists[name]) == len(params)]
+    read += [*st.slot_keys(cfg.topc), "memory_sum", *st.scalar_keys(cfg.topc)]  # the ledger's scalars: its binding
     dicts = [opt.state[p] for p in params]
-    try:
-        expected = [d[k] for d in dicts for k in keys]
-    except KeyError:
+    if any(k not in d for d in dicts for k in read):
         return None
+    # every entry, in order (a superset of what the step reads; walked by position, not looked up by key)
+    keys = [k for d in dicts for k in d]
+    expected = [v for d in dicts for v in d.values()]
     for name, key in update.state_keys.items():
         if len(lists[name]) == len(params) and not all(d[key] is v for d, v in zip(dicts, lists[name])):
             return None  # the list does not read the key this module assumes
@@ -169,6 +123,7 @@ def take(opt: Any, work: Any) -> Snapshot | None:
     from .step import Work  # the step module's Work; imported here, as the step imports the optimizer's modules
 
     view = state_view(opt, Work(work.index, group, cfg, lists, extra, update))
+    ptrs, nbytes = identity.pointers(expected)
     lists = dict(lists, grads=[])
     return Snapshot(
         members=members,
@@ -179,10 +134,11 @@ def take(opt: Any, work: Any) -> Snapshot | None:
         state_obj=opt.state,
         state_values=list(opt.state.values()),
         dicts=dicts,
-        keys=tuple(keys),
+        sizes=np.array([len(d) for d in dicts], dtype=np.int64),
+        keys=keys,
         expected=expected,
-        ptrs=np.array([v.data_ptr() if type(v) in _PLAIN else -1 for v in expected], dtype=np.int64),
-        nbytes=np.array([v.nbytes if type(v) in _PLAIN else -1 for v in expected], dtype=np.int64),
+        ptrs=ptrs,
+        nbytes=nbytes,
         flags=group_flags(group),
         version=opt._engine.layout_version,
         lists=lists,
@@ -193,4 +149,4 @@ def take(opt: Any, work: Any) -> Snapshot | None:
     )
 
 
-__all__ = ["PythonChecker", "Snapshot", "take"]
+__all__ = ["Snapshot", "take"]

@@ -11,6 +11,9 @@ Layout of one parameter's memory in ``optimizer.state[p]``:
 
 The per-slot scalars are 0-dim CPU tensors that are views into one small table per parameter,
 the *ledger*; the host reads and writes that table through numpy, so the state is always current.
+The scalars are the truth, as a torch optimizer's state tensors are: a ledger is used while every scalar
+is still the view it bound (:class:`Binding`); one replaced or given new storage by the user makes the
+next step gather the ledger again from what the state holds, on every executor.
 A parameter bound to several *segments* (a flat ZeRO partition holding slices of several model
 tensors) keeps one ledger row per segment; its scalars are then 1-D.
 """
@@ -27,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..config import MemoryConfig
+from . import identity
 
 _FIXED_KEYS = ("memory_sum", "memory_count", "memory_clock")
 
@@ -55,7 +59,43 @@ class NormReducer(Protocol):
     def __call__(self, units: Sequence[tuple[Tensor, int]], local_sq: Tensor) -> Tensor: ...
 
 
-@dataclass
+def scalar_keys(topc: int) -> tuple[str, ...]:
+    """The keys of a parameter's ledger scalars: ``priority_0`` (the ledger's cache key) first."""
+    return (
+        *(f"priority_{i}" for i in range(topc)),
+        *(f"stored_at_{i}" for i in range(topc)),
+        "memory_count",
+        "memory_clock",
+    )
+
+
+@dataclass(eq=False)
+class Binding:
+    """The scalar tensors a ledger made views of its rows, in :func:`scalar_keys` order, with their data
+    pointers and sizes. The state's scalars are the truth; a ledger is a cache of them, used while
+    :meth:`holds`."""
+
+    keys: tuple[str, ...]
+    objs: list[Tensor]
+    ptrs: np.ndarray  # int64
+    nbytes: np.ndarray  # int64
+
+    @classmethod
+    def of(cls, state: dict[str, Any], topc: int) -> Binding:
+        """The binding of ``state``'s scalars as they are now (right after :func:`bind_scalars`)."""
+        keys = scalar_keys(topc)
+        objs = [state[k] for k in keys]
+        return cls(keys, objs, *identity.pointers(objs))
+
+    def holds(self, state: dict[str, Any]) -> bool:
+        """Whether every scalar of ``state`` is still the view it was bound as: the same object on the same
+        memory (:mod:`.identity`'s rule, in C++ where it is built). A scalar replaced (``state[k] = ...``)
+        or given new storage (``state[k].data = ...``, an ``optimizer_to(device)`` helper) is the truth,
+        and the next step gathers the ledger from the state."""
+        return identity.checker().same_state([state], self.keys, self.objs, self.ptrs, self.nbytes)
+
+
+@dataclass(eq=False)
 class Ledger:
     """Host view (numpy, sharing memory with the state's CPU tensors) of one parameter's scalars."""
 
@@ -63,7 +103,7 @@ class Ledger:
     stored_at: np.ndarray  # [U, C] int64
     count: np.ndarray  # [U] int64
     clock: np.ndarray  # [U] int64
-    anchor: Tensor  # the state tensor the views belong to: a load replaces it, forcing a rebind
+    binding: Binding | None  # the state's scalars it is the table of (None: a read-only copy)
 
 
 def segments_of(p: Tensor, bounds: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
@@ -103,103 +143,61 @@ def init_state(p: Tensor, state: dict[str, Any], cfg: MemoryConfig, units: int) 
     )
 
 
-#: one parameter's ledger rows: priorities [U, C], stored_at [U, C], count [U], clock [U]
-Tables = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def bind_scalars(
-    state: dict[str, Any], pri: Tensor, at: Tensor, count: Tensor, clock: Tensor, keep: frozenset[str] = frozenset()
-) -> None:
-    """Point the state's per-slot scalars at rows of ledger tables (``pri``/``at`` [U, C], ``count``/``clock`` [U]);
-    the keys in ``keep`` are left as they are (see :func:`live_tables`)."""
+def bind_scalars(state: dict[str, Any], pri: Tensor, at: Tensor, count: Tensor, clock: Tensor) -> Binding:
+    """Point the state's per-slot scalars at rows of ledger tables (``pri``/``at`` [U, C], ``count``/``clock``
+    [U]); returns the binding (see :class:`Binding`)."""
     units, topc = pri.shape
     for i in range(topc):
-        for key, table in ((f"priority_{i}", pri), (f"stored_at_{i}", at)):
-            if key not in keep:
-                state[key] = _scalar_view(table, i, units)
-    for key, vec in (("memory_count", count), ("memory_clock", clock)):
-        if key not in keep:
-            state[key] = _vector_view(vec, units)
+        state[f"priority_{i}"] = _scalar_view(pri, i, units)
+        state[f"stored_at_{i}"] = _scalar_view(at, i, units)
+    state["memory_count"] = _vector_view(count, units)
+    state["memory_clock"] = _vector_view(clock, units)
+    return Binding.of(state, topc)
 
 
-def live_tables(
-    state: dict[str, Any], cache: dict[int, Ledger], device_ledgers: dict[int, tuple[Tensor, Any, int, int]]
-) -> tuple[Tables, frozenset[str]] | None:
-    """The ledger rows the state's scalars are views of, when its anchor (``priority_0``) is still bound to a
-    live table (a host ledger, or a device ledger of the "triton" executor), and the scalar keys that no
-    longer are such views (given new storage or replaced by hand). None: not bound (a load, a state moved
-    with ``.data =``), and the state's scalars are the truth.
-
-    A ledger moving between executors is copied from these rows, not from the scalars: the table is the
-    truth (docs/design.md), and a scalar that left it keeps its own (stale) tensor, as it does where no
-    executor changes."""
-    anchor = state["priority_0"]
-    led = cache.get(id(anchor))
-    tables: Tables | None = None
-    if led is not None and bound(led, anchor):
-        tables = tuple(torch.from_numpy(a) for a in (led.priorities, led.stored_at, led.count, led.clock))  # type: ignore[assignment]
-    else:
-        entry = device_ledgers.get(id(anchor))
-        if entry is not None and entry[0] is anchor:
-            _anchor, ledger, r, units = entry
-            rows = slice(r, r + units)
-            if anchor.data_ptr() == ledger.pri[rows].data_ptr():
-                tables = (ledger.pri[rows], ledger.at[rows], ledger.count[rows], ledger.clock[rows])
-    if tables is None:
-        return None
-    pri, at, count, clock = tables
-    expected = {"memory_count": count.data_ptr(), "memory_clock": clock.data_ptr()}
-    for i in range(pri.shape[1]):
-        expected[f"priority_{i}"] = pri.data_ptr() + i * pri.stride(1) * pri.element_size()
-        expected[f"stored_at_{i}"] = at.data_ptr() + i * at.stride(1) * at.element_size()
-    stale = frozenset(
-        k
-        for k, ptr in expected.items()
-        if not (isinstance(state.get(k), Tensor) and state[k].device == pri.device and state[k].data_ptr() == ptr)
-    )
-    return tables, stale
-
-
-def ledger_of(
-    state: dict[str, Any],
-    topc: int,
-    cache: dict[int, Ledger],
-    device_ledgers: dict[int, tuple[Tensor, Any, int, int]] | None = None,
-) -> Ledger:
-    """The numpy ledger of a parameter's state, rebuilt when the state tensors were replaced (a load) or the
-    ledger lives on a device (``device_ledgers``: the "triton" executor's, copied from its rows)."""
-    anchor = state["priority_0"]
-    led = cache.get(id(anchor))
-    if led is not None and bound(led, anchor):
-        return led
+def gather_scalars(
+    state: dict[str, Any], topc: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fresh tables (copies on ``device``) of what the state's scalars hold now: priorities [U, C] fp32,
+    stored_at [U, C], count [U] and clock [U] int64."""
+    anchor = torch.as_tensor(state["priority_0"])
     units = 1 if anchor.dim() == 0 else anchor.shape[0]
-    live = live_tables(state, cache, device_ledgers or {})
-    keep: frozenset[str] = frozenset()
-    if live is not None:  # the table is the truth: copy its rows
-        (pri, at, count, clock), keep = live
-        pri, at = pri.detach().to("cpu", torch.float32).clone(), at.detach().to("cpu", torch.int64).clone()
-        count, clock = count.detach().to("cpu", torch.int64).clone(), clock.detach().to("cpu", torch.int64).clone()
-    else:  # gather (copy) whatever the state holds into fresh tables
-        pri = torch.stack(
-            [state[f"priority_{i}"].detach().to("cpu", torch.float32).reshape(units) for i in range(topc)], 1
-        )
-        at = torch.stack(
-            [state[f"stored_at_{i}"].detach().to("cpu", torch.int64).reshape(units) for i in range(topc)], 1
-        )
-        count = state["memory_count"].detach().to("cpu", torch.int64).reshape(units).clone()
-        clock = state["memory_clock"].detach().to("cpu", torch.int64).reshape(units).clone()
-    bind_scalars(state, pri, at, count, clock, keep)
-    led = Ledger(pri.numpy(), at.numpy(), count.numpy(), clock.numpy(), state["priority_0"])
-    cache.pop(id(anchor), None)
-    cache[id(led.anchor)] = led
+
+    def column(key: str) -> Tensor:
+        v = torch.as_tensor(state[key]).detach()
+        if v.numel() != units:
+            raise ValueError(
+                f"optimizer state '{key}' has {v.numel()} element(s), but its parameter's memory has {units} "
+                f"unit(s) (priority_0 has shape {tuple(anchor.shape)}): a memory scalar was replaced by hand"
+            )
+        return v.reshape(units)
+
+    def stack(keys: Sequence[str], dtype: torch.dtype) -> Tensor:
+        cols = [column(k) for k in keys]
+        if len({(c.device, c.dtype) for c in cols}) == 1:  # one copy, not one per scalar, off a device
+            return torch.stack(cols, 1).to(device, dtype)
+        return torch.stack([c.to(device, dtype) for c in cols], 1)
+
+    pri = stack([f"priority_{i}" for i in range(topc)], torch.float32)
+    at = stack([f"stored_at_{i}" for i in range(topc)], torch.int64)
+    count = column("memory_count").to(device, torch.int64).clone()
+    clock = column("memory_clock").to(device, torch.int64).clone()
+    return pri, at, count, clock
+
+
+def ledger_of(state: dict[str, Any], topc: int, cache: dict[int, Ledger]) -> Ledger:
+    """The numpy ledger of a parameter's state: the cached one while its binding holds, else one gathered
+    afresh from the state's scalars (a load, a scalar replaced or given new storage, another executor's
+    step: the scalars are the truth) and bound to them."""
+    led = cache.get(id(state["priority_0"]))
+    if led is not None and led.binding is not None and led.binding.holds(state):
+        return led
+    cache.pop(id(state["priority_0"]), None)
+    pri, at, count, clock = gather_scalars(state, topc)
+    binding = bind_scalars(state, pri, at, count, clock)
+    led = Ledger(pri.numpy(), at.numpy(), count.numpy(), clock.numpy(), binding)
+    cache[id(state["priority_0"])] = led
     return led
-
-
-def bound(led: Ledger, anchor: Tensor) -> bool:
-    """Whether the state's ``priority_0`` is still the view of ``led``'s table it was bound as: the same
-    object, on the same memory (``optimizer_to(device)`` helpers give every state tensor new storage with
-    ``.data = ...``; the ledger is then gathered again from what the state holds)."""
-    return led.anchor is anchor and anchor.data_ptr() == led.priorities.ctypes.data
 
 
 def gather(rows: Sequence[tuple[Ledger, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -272,16 +272,14 @@ class MemoryAugmentedOptimizer:
         """The ledger rows of ``state`` for reading: a copy of a device ledger (one transfer per table per
         call, the state stays bound to the device), else the host ledger."""
         bound = self._engine.device_ledgers.get(id(state["priority_0"]))
-        if bound is None or bound[0] is not state["priority_0"]:
-            return st.ledger_of(
-                state, _ledger_width(state, self._engine.ledgers), self._engine.ledgers, self._engine.device_ledgers
-            )
-        _anchor, ledger, row, units = bound
+        if bound is None or not bound[0].holds(state):
+            return st.ledger_of(state, _ledger_width(state, self._engine.ledgers), self._engine.ledgers)
+        _binding, ledger, row, units = bound
         snap = snapshots.get(id(ledger))
         if snap is None:
             snap = snapshots[id(ledger)] = ledger.snapshot()
         rows = slice(row, row + units)
-        return st.Ledger(snap.priorities[rows], snap.stored_at[rows], snap.count[rows], snap.clock[rows], snap.anchor)
+        return st.Ledger(snap.priorities[rows], snap.stored_at[rows], snap.count[rows], snap.clock[rows], None)
 
     def executor_for(self, group: dict[str, Any] | int) -> str | None:
         """The executor ("torch", "cpu" or "triton") that ran ``group`` (one of ``param_groups``, or its index)
@@ -407,7 +405,7 @@ def _shown(value: Any) -> str:
 def _ledger_width(state: dict[str, Any], ledgers: dict[int, st.Ledger]) -> int:
     """C of a parameter's memory: from its cached ledger, else from the slot keys (once per new ledger)."""
     led = ledgers.get(id(state["priority_0"]))
-    if led is not None and led.anchor is state["priority_0"]:
+    if led is not None and led.binding is not None and led.binding.objs[0] is state["priority_0"]:
         return led.priorities.shape[1]
     topc = 0
     while f"priority_{topc}" in state:

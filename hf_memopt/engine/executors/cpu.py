@@ -134,7 +134,7 @@ def _fused_table(opt: Any, work: Any) -> _FusedTable:
     """The group's cached kernel columns with this step's addresses."""
     args = work.update.kernel_args(work.group, work.lists)
     table = opt._engine.cache.get(("cpu", work.index))
-    # a steady step (hf_memopt.engine.snapshot) re-checked everything still_valid reads, ledger anchors included
+    # a steady step (hf_memopt.engine.snapshot) re-checked everything still_valid reads, ledger scalars included
     if table is None or not (work.steady and table.view is work.view) and not table.still_valid(opt, work):
         table = _FusedTable(opt, work, args)
         opt._engine.cache[("cpu", work.index)] = table
@@ -232,8 +232,6 @@ class _FusedTable:
         self.m_versions: list[int] = [] if not args.momentum else [st.local_tensor(m)._version for m in args.exp_avgs]
         self.slot_ptrs = np.zeros(n * cfg.topc, dtype=np.int64)
         self.ledgers: list[st.Ledger] = []
-        self.anchors: list[Tensor] = []
-        self.anchor_ptrs: list[int] = []  # where the ledgers' tables are (see state.bound)
         self.keep_alive: list[Tensor] = []  # the kernel holds raw addresses of these
         bf16 = cfg.buffer_dtype == torch.bfloat16
         for j, (p, state) in enumerate(zip(self.params, self.states)):
@@ -246,10 +244,11 @@ class _FusedTable:
             tensors = [lp, *moments, s, *([vmax] if vmax is not None else [])]
             # unavailable() judged this state (contiguous fp32, slots of the buffer dtype) and the guard
             # checked every size against the parameter's: what follows reads inside those buffers
-            led = st.ledger_of(state, cfg.topc, opt._engine.ledgers, opt._engine.device_ledgers)
+            try:
+                led = st.ledger_of(state, cfg.topc, opt._engine.ledgers)
+            except ValueError as err:  # a scalar replaced by hand with one of another size
+                raise ValueError(f"{where(work.index, work.group, p)}: {err}") from None
             self.ledgers.append(led)
-            self.anchors.append(state["priority_0"])
-            self.anchor_ptrs.append(led.priorities.ctypes.data)
             self.keep_alive += [*tensors, *slots, step]
             row = self.q[j]
             row[P.PARAM], row[P.EXP_AVG], row[P.EXP_AVG_SQ] = lp.data_ptr(), *(m.data_ptr() for m in moments)
@@ -293,8 +292,7 @@ class _FusedTable:
             self.view is work.view
             and self.version == opt._engine.layout_version
             and self.state_obj is opt.state
-            and all(s["priority_0"] is a for s, a in zip(self.states, self.anchors))
-            and list(map(Tensor.data_ptr, self.anchors)) == self.anchor_ptrs
+            and all(led.binding.holds(s) for led, s in zip(self.ledgers, self.states))
         )
 
 

@@ -14,8 +14,9 @@ serving every tensor at once through pointer tables, then the base optimizer's o
 Where values live: the ledger (priorities, ``stored_at``, counts, clocks) of a param group is one set of
 tables on the parameters' device (:class:`DeviceLedger`); the state's ``priority_i``, ``stored_at_i``,
 ``memory_count`` and ``memory_clock`` are views into it, so checkpoints keep SPEC section 3's layout. A
-state bound elsewhere (a load, another executor's step) is gathered onto the device once, at the next
-step; another executor gathers it back the same way. Admission counters for ``memory_stats()`` are device
+state bound elsewhere (a load, another executor's step, a scalar replaced or given new storage by the
+user) is gathered from its scalars onto the device once, at the next step; another executor gathers it
+back the same way. Admission counters for ``memory_stats()`` are device
 counters, read only when it is called.
 
 Host work per step is Python bookkeeping only: the state guard (:mod:`hf_memopt.engine.guard`: the
@@ -94,7 +95,11 @@ class TritonExecutor:
         return None
 
     def prepare(self, opt: Any, works: Sequence[Any]) -> None:
-        """Critical Momenta advances its momenta first (SPEC 1b.2): what is stored and tested is that m."""
+        """The ledgers first (one gathered from its scalars may refuse them before anything is written), then
+        Critical Momenta advances its momenta (SPEC 1b.2): what is stored and tested is that m."""
+        for w in works:
+            if w.cfg.kappa > 0.0 and w.lists["params"] and not w.steady:
+                group_ledger(opt, w.index, w.group, w.cfg.topc, st.local_tensor(w.lists["params"][0]).device)
         for w in works:
             if w.update.stores_momentum:
                 w.update.advance(w.group, w.lists)
@@ -315,7 +320,7 @@ class TritonExecutor:
             and all(w.steady and w.view is v for w, v in zip(works, lay.views))
         ):
             # nothing changed since the layout's last step (hf_memopt.engine.snapshot checked every address
-            # and ledger anchor it holds)
+            # and ledger scalar it holds)
             return lay
         key = (
             "triton",

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ...config import MemoryConfig
-from .. import rule
+from .. import guard, rule
 from .. import state as st
 from .triton_runtime import kernels
 
@@ -53,7 +53,7 @@ class DeviceLedger:
     def snapshot(self) -> st.Ledger:
         """A host copy (numpy), for ``memory_stats()``: the one transfer, when it is called."""
         host = [t.cpu() for t in (self.pri, self.at, self.count, self.clock)]
-        return st.Ledger(*(t.numpy() for t in host), anchor=host[0])
+        return st.Ledger(*(t.numpy() for t in host), binding=None)
 
 
 @dataclass(eq=False)
@@ -141,7 +141,7 @@ class Layout:
         parameter's first memory rebuilds its group's ledger)."""
         if len(works) != len(self.views) or any(w.view is not v for w, v in zip(works, self.views)):
             return False
-        # S and the slots are the views'; priority_0 (the ledger's anchor) group_ledger checked this step
+        # S and the slots are the views'; the ledger scalars group_ledger checked this step
         for g in self.groups:
             cached = opt._engine.cache.get(("triton-ledger", g.index))
             if cached is None or cached[0] is not g.ledger:
@@ -210,68 +210,59 @@ def to_device(values: np.ndarray, device: torch.device) -> Tensor:
 
 
 def group_ledger(opt: Any, index: int, group: dict[str, Any], topc: int, device: torch.device) -> DeviceLedger:
-    """The device ledger of param group ``index``: cached while every memory state of the group points at it
-    (a new parameter's first memory, a load or another executor's step rebinds it)."""
+    """The device ledger of param group ``index``: cached while every memory state of the group has the scalars
+    it bound (:class:`hf_memopt.engine.state.Binding`: a new parameter's first memory, a load, a scalar replaced
+    or given new storage, or another executor's step rebinds it)."""
     key = ("triton-ledger", index)
     cached = opt._engine.cache.get(key)
+    states = [s for s in map(opt.state.get, group["params"]) if s is not None and "memory_sum" in s]
     if cached is not None:
-        ledger, bound, ptrs = cached
-        current = [opt.state[p]["priority_0"] for p in group["params"] if "memory_sum" in opt.state.get(p, {})]
-        # the same objects on the same memory (an ``optimizer_to(device)`` helper moves them with ``.data =``)
-        if len(current) == len(bound) and all(a is b for a, b in zip(current, bound)):
-            if list(map(Tensor.data_ptr, current)) == ptrs:
-                return ledger
-    ledger = _bind_group_ledger(opt, group, topc, device)
-    bound = [opt.state[p]["priority_0"] for p in group["params"] if "memory_sum" in opt.state.get(p, {})]
-    opt._engine.cache[key] = (ledger, bound, [t.data_ptr() for t in bound])
+        ledger, bindings = cached
+        if len(states) == len(bindings) and all(b.holds(s) for b, s in zip(bindings, states)):
+            return ledger
+    ledger, bindings = _bind_group_ledger(opt, index, group, states, topc, device)
+    opt._engine.cache[key] = (ledger, bindings)
     return ledger
 
 
-def _bind_group_ledger(opt: Any, group: dict[str, Any], topc: int, device: torch.device) -> DeviceLedger:
-    """Gather the ledger rows of every memory parameter of ``group`` into one device table and point the
-    states at it (``ledger.first``: each parameter's first row)."""
-    pri, at, count, clock = [], [], [], []
-    first: dict[int, int] = {}
-    states = []
-    rows = 0
-    for p in group["params"]:
-        state = opt.state.get(p, {})
-        if "memory_sum" not in state:
-            continue
-        anchor = state["priority_0"]
-        units = 1 if anchor.dim() == 0 else anchor.shape[0]
-        live = st.live_tables(state, opt._engine.ledgers, opt._engine.device_ledgers)
-        if live is not None:  # bound to a table (host, or a device ledger being rebuilt): its rows are the truth
-            (t_pri, t_at, t_count, t_clock), keep = live
-        else:  # a load or a moved state: the scalars are the truth
-            t_pri = torch.stack([state[f"priority_{i}"].detach().reshape(units) for i in range(topc)], 1)
-            t_at = torch.stack([state[f"stored_at_{i}"].detach().reshape(units) for i in range(topc)], 1)
-            t_count, t_clock = (
-                state["memory_count"].detach().reshape(units),
-                state["memory_clock"].detach().reshape(units),
+def _bind_group_ledger(
+    opt: Any, index: int, group: dict[str, Any], states: list[dict[str, Any]], topc: int, device: torch.device
+) -> tuple[DeviceLedger, list[st.Binding]]:
+    """Gather the ledger rows of every memory parameter of ``group`` from its state's scalars (the truth) into
+    one device table and point the scalars at it (``ledger.first``: each parameter's first row)."""
+    params = [p for p in group["params"] if "memory_sum" in opt.state.get(p, {})]
+    tables = []
+    for p, state in zip(params, states):
+        try:
+            tables.append(st.gather_scalars(state, topc, device))
+        except ValueError as err:  # a scalar replaced by hand with one of another size
+            raise ValueError(f"{guard.where(index, group, p)}: {err}") from None
+    for p, (_pri, _at, count, _clock) in zip(params, tables):
+        # a count the user replaced or gave new storage is checked here, before any write (one read, at a
+        # rebind); one edited in place on the device is clamped by ``decide`` (a check would read the device)
+        if bool(((count < 0) | (count > topc)).any()):
+            bad = int(count[(count < 0) | (count > topc)][0])
+            raise ValueError(
+                f"{guard.where(index, group, p)}: its memory_count of {bad} is outside [0, topc={topc}] (the state "
+                "was edited by hand); nothing was written"
             )
-            keep = frozenset()
-        pri.append(t_pri.to(device, torch.float32))
-        at.append(t_at.to(device, torch.int64))
-        count.append(t_count.to(device, torch.int64))
-        clock.append(t_clock.to(device, torch.int64))
+    first: dict[int, int] = {}
+    rows = 0
+    for p, (pri, *_rest) in zip(params, tables):
         first[id(p)] = rows
-        opt._engine.device_ledgers.pop(id(anchor), None)
-        states.append((p, state, units, keep))
-        rows += units
-    ledger = DeviceLedger(torch.cat(pri), torch.cat(at), torch.cat(count), torch.cat(clock), first)
-    for p, state, units, keep in states:
-        r = first[id(p)]
-        st.bind_scalars(
-            state,
-            ledger.pri[r : r + units],
-            ledger.at[r : r + units],
-            ledger.count[r : r + units],
-            ledger.clock[r : r + units],
-            keep,
+        rows += pri.shape[0]
+    ledger = DeviceLedger(*(torch.cat(list(t)) for t in zip(*tables)), first)
+    bindings = []
+    for p, state, (pri, *_rest) in zip(params, states, tables):
+        opt._engine.device_ledgers.pop(id(state["priority_0"]), None)
+        r, units = first[id(p)], pri.shape[0]
+        rows_of = slice(r, r + units)
+        binding = st.bind_scalars(
+            state, ledger.pri[rows_of], ledger.at[rows_of], ledger.count[rows_of], ledger.clock[rows_of]
         )
-        opt._engine.device_ledgers[id(state["priority_0"])] = (state["priority_0"], ledger, r, units)
-    return ledger
+        opt._engine.device_ledgers[id(state["priority_0"])] = (binding, ledger, r, units)
+        bindings.append(binding)
+    return ledger, bindings
 
 
 def build_layout(opt: Any, works: Sequence[Any], reducer: Any) -> Layout:
