@@ -447,23 +447,43 @@ def test_a_base_update_that_raises_leaves_the_memory_consistent(executor, optimi
 # -- CUDA graph capture (the "triton" executor; capture simulated: these machines have no GPU) --------
 
 
-@needs("triton")
-def test_new_gradient_addresses_during_a_capture_are_an_error_not_a_stale_table(monkeypatch):
-    from hf_memopt.engine.executors import triton as triton_executor
+def _captured_after_eager_steps(monkeypatch):
+    """A "triton" optimizer after eager steps (gradients kept in place: every table built), then one step
+    under a simulated capture; returns it, its parameters and the unused gradients."""
+    from hf_memopt.engine.executors import triton_layout
 
     params = make_params()
     opt = _opt(params, "triton")
     grads = _stream(6)
     set_grads(params, grads[0])
-    for g in grads[1:3]:  # eager steps with gradients kept in place: every table is built
+    for g in grads[1:3]:
         opt.step()
         for p, new in zip(params, g):
             p.grad.copy_(new)
-    monkeypatch.setattr(triton_executor, "_capturing", lambda device: True)
+    monkeypatch.setattr(triton_layout, "capturing", lambda device: True)
     opt.step()  # captured: same addresses, nothing to build
-    set_grads(params, grads[4])  # new gradient tensors: a replay would read the old addresses
+    return opt, params, grads[4:]
+
+
+@needs("triton")
+def test_new_gradient_addresses_during_a_capture_are_an_error_not_a_stale_table(monkeypatch):
+    opt, params, grads = _captured_after_eager_steps(monkeypatch)
+    set_grads(params, grads[0])  # new gradient tensors: a replay would read the old addresses
     with pytest.raises(RuntimeError, match=r"during CUDA graph capture: the gradients' addresses changed"):
         opt.step()
+
+
+@needs("triton")
+def test_a_ledger_scalar_given_new_storage_during_a_capture_is_an_error(monkeypatch):
+    """Gathering the ledger copies host values to the device: inside a capture that is an error that says
+    what to do, raised before anything is written."""
+    opt, params, _grads = _captured_after_eager_steps(monkeypatch)
+    state = opt.state[params[0]]
+    state["memory_clock"].data = state["memory_clock"].data.clone()
+    before = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"during CUDA graph capture: the ledger must be gathered"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, params))
 
 
 @pytest.mark.parametrize("executor", ["torch", pytest.param("triton", marks=needs("triton"))])

@@ -54,7 +54,16 @@ from torch import Tensor
 from .. import rule
 from .. import state as st
 from .torch import _like
-from .triton_layout import DeviceLedger, Layout, build_layout, cast_limit, group_ledger, state_reason, to_device
+from .triton_layout import (
+    DeviceLedger,
+    Layout,
+    build_layout,
+    cast_limit,
+    group_ledger,
+    refuse_in_capture,
+    state_reason,
+    to_device,
+)
 from .triton_runtime import INTERPRET_ENV, kernels, runs_on, tl_dtype, triton_unavailable
 
 logger = logging.getLogger("hf_memopt")
@@ -298,7 +307,7 @@ class TritonExecutor:
         cached = lay.pointers.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        _refuse_in_capture(
+        refuse_in_capture(
             lay.device,
             "the gradients' addresses changed since the last step (a graph would replay the old ones). Keep "
             "gradients in place across captured steps: optimizer.zero_grad(set_to_none=False), and take a few "
@@ -333,7 +342,7 @@ class TritonExecutor:
             for w in works:  # the ledgers first: a rebound one makes the layout stale
                 group_ledger(opt, w.index, w.group, w.cfg.topc, lay.device)
         if lay is None or not lay.valid(opt, works):
-            _refuse_in_capture(
+            refuse_in_capture(
                 st.local_tensor(works[0].lists["params"][0]).device,
                 "the executor's tables must be built (first steps, a load, new parameters or state, an edited "
                 "group flag); take a few eager steps before capturing, and change nothing between captured steps",
@@ -363,17 +372,6 @@ def _params_reason(group: dict[str, Any], params: Sequence[Tensor]) -> str | Non
         if t.dtype not in _DTYPES:
             return f"parameters of dtype {t.dtype} (Triton runs float32, bfloat16 and float16)"
     return None
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _refuse_in_capture(device: torch.device, why: str) -> None:
-    """Raise where a CUDA graph is being captured on ``device``'s current stream: host-to-device copies of
-    tables would be captured from a temporary buffer, and a replay would read stale addresses."""
-    if _capturing(device):
-        raise RuntimeError(f"hf_memopt 'triton' executor during CUDA graph capture: {why}")
 
 
 #: the Adam scalars of a launch without the in-kernel update (ignored by the kernel)

@@ -209,6 +209,18 @@ def to_device(values: np.ndarray, device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_in_capture(device: torch.device, why: str) -> None:
+    """Raise where a CUDA graph is being captured on ``device``'s current stream: host-to-device copies of
+    tables would be captured from a temporary buffer, and a replay would read stale addresses."""
+    if capturing(device):
+        raise RuntimeError(f"hf_memopt 'triton' executor during CUDA graph capture: {why}")
+
+
 def group_ledger(opt: Any, index: int, group: dict[str, Any], topc: int, device: torch.device) -> DeviceLedger:
     """The device ledger of param group ``index``: cached while every memory state of the group has the scalars
     it bound (:class:`hf_memopt.engine.state.Binding`: a new parameter's first memory, a load, a scalar replaced
@@ -220,6 +232,12 @@ def group_ledger(opt: Any, index: int, group: dict[str, Any], topc: int, device:
         ledger, bindings = cached
         if len(states) == len(bindings) and all(b.holds(s) for b, s in zip(bindings, states)):
             return ledger
+    refuse_in_capture(
+        device,
+        "the ledger must be gathered from the state's scalars (first steps, a load, new parameters, a scalar "
+        "replaced or given new storage); take a few eager steps before capturing, and change nothing between "
+        "captured steps",
+    )
     ledger, bindings = _bind_group_ledger(opt, index, group, states, topc, device)
     opt._engine.cache[key] = (ledger, bindings)
     return ledger
