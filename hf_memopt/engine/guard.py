@@ -158,11 +158,16 @@ def check_counts(opt: Any, work: Any) -> None:
         except ValueError as err:  # a scalar replaced by hand with one of another size
             raise ValueError(f"{_where(work, p)}: {err}") from None
         if count.min() < 0 or count.max() > topc:
-            bad = int(count[(count < 0) | (count > topc)][0])
-            raise ValueError(
-                f"{_where(work, p)}: its memory_count of {bad} is outside [0, topc={topc}] (the state was edited "
-                "by hand); nothing was written"
-            )
+            raise count_error(_where(work, p), int(count[(count < 0) | (count > topc)][0]), topc)
+
+
+def count_error(place: str, bad: int, topc: int) -> ValueError:
+    """The error every executor raises for a ``memory_count`` of ``bad`` outside [0, topc] at ``place``
+    (``"param group 0, parameter 3"``), before anything is written."""
+    return ValueError(
+        f"{place}: its memory_count of {bad} is outside [0, topc={topc}] (the state was edited by hand); "
+        "nothing was written"
+    )
 
 
 def check_grads(work: Any) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import rule
 from .. import state as st
-from ..guard import where
+from ..guard import count_error, where
 from . import cpu_kernel
 from .cpu_kernel import AGGREGATION_CODES, COLUMNS
 from .torch import commit
@@ -271,11 +271,7 @@ class _FusedTable:
     def count_error(self, j: int) -> None:
         """Raise the error of unit ``j``'s ``memory_count`` outside [0, topc] (the kernel checks every count
         before it writes anything: the scalars are the user's to edit in place)."""
-        count = int(self.ledgers[j].count[0])
-        raise ValueError(
-            f"{where(self.view.index, self.group, self.params[j])}: its memory_count of {count} is outside "
-            f"[0, topc={self.topc}] (the state was edited by hand); nothing was written"
-        )
+        raise count_error(where(self.view.index, self.group, self.params[j]), int(self.ledgers[j].count[0]), self.topc)
 
     def check_momenta(self, exp_avgs: list[Tensor]) -> None:
         """Forget the bounds on |m| if anything but the kernel wrote a momentum since the last step (a torch op

@@ -227,10 +227,10 @@ def group_ledger(opt: Any, index: int, group: dict[str, Any], topc: int, device:
     or given new storage, or another executor's step rebinds it)."""
     key = ("triton-ledger", index)
     cached = opt._engine.cache.get(key)
-    states = [s for s in map(opt.state.get, group["params"]) if s is not None and "memory_sum" in s]
+    members = [(p, s) for p, s in zip(group["params"], map(opt.state.get, group["params"])) if s and "memory_sum" in s]
     if cached is not None:
         ledger, bindings = cached
-        if len(states) == len(bindings) and all(b.holds(s) for b, s in zip(bindings, states)):
+        if len(members) == len(bindings) and all(b.holds(s) for b, (_p, s) in zip(bindings, members)):
             return ledger
     refuse_in_capture(
         device,
@@ -238,17 +238,23 @@ def group_ledger(opt: Any, index: int, group: dict[str, Any], topc: int, device:
         "replaced or given new storage); take a few eager steps before capturing, and change nothing between "
         "captured steps",
     )
-    ledger, bindings = _bind_group_ledger(opt, index, group, states, topc, device)
+    ledger, bindings = _bind_group_ledger(opt, index, group, members, topc, device)
     opt._engine.cache[key] = (ledger, bindings)
     return ledger
 
 
 def _bind_group_ledger(
-    opt: Any, index: int, group: dict[str, Any], states: list[dict[str, Any]], topc: int, device: torch.device
+    opt: Any,
+    index: int,
+    group: dict[str, Any],
+    members: list[tuple[Tensor, dict[str, Any]]],
+    topc: int,
+    device: torch.device,
 ) -> tuple[DeviceLedger, list[st.Binding]]:
-    """Gather the ledger rows of every memory parameter of ``group`` from its state's scalars (the truth) into
-    one device table and point the scalars at it (``ledger.first``: each parameter's first row)."""
-    params = [p for p in group["params"] if "memory_sum" in opt.state.get(p, {})]
+    """Gather the ledger rows of ``members`` (the group's parameters with a memory, and their states) from the
+    states' scalars (the truth) into one device table and point the scalars at it (``ledger.first``: each
+    parameter's first row)."""
+    params, states = [p for p, _s in members], [s for _p, s in members]
     tables = []
     for p, state in zip(params, states):
         try:
@@ -259,11 +265,7 @@ def _bind_group_ledger(
         # a count the user replaced or gave new storage is checked here, before any write (one read, at a
         # rebind); one edited in place on the device is clamped by ``decide`` (a check would read the device)
         if bool(((count < 0) | (count > topc)).any()):
-            bad = int(count[(count < 0) | (count > topc)][0])
-            raise ValueError(
-                f"{guard.where(index, group, p)}: its memory_count of {bad} is outside [0, topc={topc}] (the state "
-                "was edited by hand); nothing was written"
-            )
+            raise guard.count_error(guard.where(index, group, p), int(count[(count < 0) | (count > topc)][0]), topc)
     first: dict[int, int] = {}
     rows = 0
     for p, (pri, *_rest) in zip(params, tables):
